@@ -1,0 +1,903 @@
+"""
+# PPO on Atari Breakout, in one file
+
+Proximal Policy Optimization ([Schulman et al. 2017](https://arxiv.org/abs/1707.06347)) with
+Generalized Advantage Estimation ([Schulman et al. 2015](https://arxiv.org/abs/1506.02438)),
+trained on Atari games from the Arcade Learning Environment with the evaluation protocol of
+published Breakout results ([Mnih et al. 2015](https://www.nature.com/articles/nature14236),
+[Machado et al. 2018](https://arxiv.org/abs/1709.06009) for the settings we do *not* use).
+
+It follows labml.ai's annotated PPO experiment (labml-nn 0.5.1: `labml_nn/rl/ppo/experiment.py`,
+`rl/game.py`, `rl/ppo/gae.py`, `rl/ppo/__init__.py`), keeping its shape and names, on today's
+packages (gymnasium-era ale-py with its own ROMs, labml 0.4.168's dynamic hyperparameters).
+
+    pip install -r requirements.txt
+    python ppo_breakout.py                          # the default experiment: 10,000 updates
+    python ppo_breakout.py --updates 3 --n-workers 2  # a quick smoke run
+    python ppo_breakout.py --help                   # every setting with its default
+
+The file reads top to bottom in the order the data flows:
+configuration -> Game -> worker processes -> Model -> GAE -> losses -> Trainer -> entry point.
+"""
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from labml import experiment, logger, monit, tracker
+from labml.configs import FloatDynamicHyperParam, IntDynamicHyperParam
+from labml.internal.configs.dynamic_hyperparam import DynamicHyperParam
+from torch import nn, optim
+from torch.distributions import Categorical
+
+# ## Configuration
+#
+# Every default lives here, with why. `DYNAMIC` marks the settings that may change while a run
+# goes on (from the labml dashboard); they are read by calling them where they are used.
+
+
+@dataclasses.dataclass
+class Configs:
+    # number of updates; each samples `n_workers * worker_steps` steps, then trains on them
+    updates: int = 10_000
+    # ⚙️ passes over each batch of samples; more learns faster per sample but is less stable
+    epochs: int = 8
+    # game processes stepping in parallel; 8 as in the PPO paper's Atari runs
+    n_workers: int = 8
+    # steps each worker takes per update (the rollout length T); 128 as in the PPO paper
+    worker_steps: int = 128
+    # minibatches per epoch: 8 x 128 / 4 = 256 samples each
+    batches: int = 4
+    # ⚙️ c_1, weight of the value-function loss
+    value_loss_coef: float = 0.5
+    # ⚙️ c_2, weight of the entropy bonus that keeps the policy exploring
+    entropy_bonus_coef: float = 0.01
+    # ⚙️ epsilon, how far the probability ratio may move from 1 before the gradient stops
+    clip_range: float = 0.1
+    # ⚙️ Adam's step size, dashboard range 0..1e-3 as in labml's experiment
+    learning_rate: float = 1e-3
+    # discount factor of the return
+    gamma: float = 0.99
+    # GAE's lambda: 0.95 trades a little bias for much lower variance (GAE paper, section 6)
+    lambda_: float = 0.95
+    # seeds the model, the sampling and, through a SeedSequence, each worker's game
+    seed: int = 1
+    # any ROM that ale-py ships ("breakout", "pong", "space_invaders", ...)
+    game: str = "breakout"
+    # "auto" takes the CUDA GPU when there is one, else the CPU
+    device: str = "auto"
+    # train on the sign of the reward, as DQN and PPO did; scores are always reported unclipped
+    clip_rewards: bool = True
+    # gradients are clipped to this global norm, as in labml's and the baselines' PPO
+    max_grad_norm: float = 0.5
+    # "auto": bf16 autocast where the hardware computes bf16 natively (CUDA, AVX-512 bf16/AMX
+    # CPUs), fp32 elsewhere (on an AVX2-only CPU bf16 is emulated and ~10x slower); losses stay fp32
+    precision: str = "auto"
+    # NHWC convolutions: ~1.5x faster on the CPU with oneDNN
+    channels_last: bool = True
+
+
+# The help text of each flag: the comment above each field says the same for readers of the file.
+HELP = {
+    "updates": "number of updates (sample, then train)",
+    "epochs": "passes over each batch of samples (dynamic)",
+    "n_workers": "game worker processes",
+    "worker_steps": "steps each worker takes per update",
+    "batches": "minibatches per epoch; must divide n_workers * worker_steps",
+    "value_loss_coef": "weight of the value-function loss (dynamic)",
+    "entropy_bonus_coef": "weight of the entropy bonus (dynamic)",
+    "clip_range": "PPO clip range epsilon, in (0, 1) (dynamic)",
+    "learning_rate": "Adam learning rate (dynamic)",
+    "gamma": "discount factor, in [0, 1]",
+    "lambda_": "GAE lambda, in [0, 1]",
+    "seed": "random seed",
+    "game": "an Atari ROM that ale-py ships",
+    "device": "auto, cpu, cuda or cuda:N",
+    "clip_rewards": "train on the sign of the game reward",
+    "max_grad_norm": "global gradient-norm clip",
+    "precision": "auto, fp32 or bf16 (autocast; losses stay fp32)",
+    "channels_last": "NHWC memory format for the convolutions",
+}
+
+# The dynamic hyperparameters: labml class and the range the dashboard offers. A value given on
+# the command line outside the range widens it, so a user's choice is never silently changed.
+DYNAMIC = {
+    "epochs": (IntDynamicHyperParam, (1, 32)),
+    "value_loss_coef": (FloatDynamicHyperParam, (0.0, 1.0)),
+    "entropy_bonus_coef": (FloatDynamicHyperParam, (0.0, 0.1)),
+    "clip_range": (FloatDynamicHyperParam, (0.01, 0.5)),
+    "learning_rate": (FloatDynamicHyperParam, (0.0, 1e-3)),
+}
+
+
+def dynamic_hyperparam(name: str, value) -> DynamicHyperParam:
+    """A labml dynamic hyperparameter for `name`, starting at `value` (or `value` itself)."""
+    if isinstance(value, DynamicHyperParam):
+        return value
+    kind, (low, high) = DYNAMIC[name]
+    return kind(value, (min(low, value), max(high, value)))
+
+
+def config_errors(c: Configs) -> List[Tuple[str, str]]:
+    """Every problem with `c`, as (flag, problem); empty when the configuration can run."""
+    errors = []
+    for name in ("updates", "epochs", "n_workers", "worker_steps", "batches"):
+        if getattr(c, name) <= 0:
+            errors.append((name, f"must be a positive integer, got {getattr(c, name)}"))
+    batch_size = c.n_workers * c.worker_steps
+    if c.batches > 0 and batch_size > 0 and batch_size % c.batches != 0:
+        errors.append(("batches", f"{c.batches} does not divide the batch " f"n_workers * worker_steps = {batch_size}"))
+    for name in ("learning_rate", "value_loss_coef", "entropy_bonus_coef", "max_grad_norm"):
+        if not getattr(c, name) >= 0:
+            errors.append((name, f"must not be negative, got {getattr(c, name)}"))
+    if not 0 < c.clip_range < 1:
+        errors.append(("clip_range", f"must be in (0, 1), got {c.clip_range}"))
+    for name in ("gamma", "lambda_"):
+        if not 0 <= getattr(c, name) <= 1:
+            errors.append((name, f"must be in [0, 1], got {getattr(c, name)}"))
+    if rom_path(c.game) is None:
+        errors.append(
+            ("game", f"ale-py ships no ROM named {c.game!r} " f"(for example: breakout, pong, space_invaders)")
+        )
+    if c.precision not in ("auto", "fp32", "bf16"):
+        errors.append(("precision", f"must be auto, fp32 or bf16, got {c.precision!r}"))
+    try:
+        device = torch.device("cpu" if c.device == "auto" else c.device)
+    except RuntimeError:
+        errors.append(("device", f"not a device: {c.device!r} (use auto, cpu, cuda or cuda:N)"))
+    else:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            errors.append(("device", f"{c.device} was asked for but CUDA is not available"))
+        elif device.type not in ("cpu", "cuda"):
+            errors.append(("device", f"unsupported device {c.device!r} (use auto, cpu, cuda or cuda:N)"))
+    return errors
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs that compute bf16 natively (AVX-512 bf16 or AMX); elsewhere it is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def select_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for `precision`, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+# ## Game
+#
+# One Atari game, seen the way published Breakout results see it ("NoFrameskip-v4" with the
+# DQN preprocessing): no sticky actions, a 108,000-frame cap, each action repeated 4 frames with
+# the max of the last two (Atari sprites flicker between frames), grey 84x84, the last 4 frames
+# stacked, up to 30 no-ops at the start of a game, and FIRE to launch the ball where the game needs it.
+#
+# labml's `game.py` reset the whole game at every lost life, so its reported "reward" was a
+# one-life score. Here a lost life only ends the *training* episode (`done`, which cuts GAE);
+# the game goes on, and the score reported in `info` is the whole game over all lives.
+
+FRAME_SKIP = 4  # frames per agent step (Mnih et al. 2015)
+NOOP_MAX = 30  # at most this many no-op frames at the start of a game, for varied starts
+MAX_FRAMES = 108_000  # 30 minutes of play at 60 frames/s: the standard cap
+FRAME_SIZE = 84  # observations are 84x84 grey
+FRAME_STACK = 4  # the model sees the last 4 frames, to perceive motion
+OBS_SHAPE = (FRAME_STACK, FRAME_SIZE, FRAME_SIZE)
+
+
+def rom_path(game: str) -> Optional[str]:
+    """Path of the ROM that ale-py ships for `game`, or None."""
+    from ale_py import roms
+
+    if game not in roms.get_all_rom_ids():
+        return None
+    return str(roms.get_rom_path(game))
+
+
+def minimal_actions(game: str) -> List[int]:
+    """The game's minimal action set (4 for Breakout: NOOP, FIRE, RIGHT, LEFT)."""
+    return list(Game(0, game).actions)
+
+
+class Game:
+    """
+    One Atari game inside a worker.
+
+    `reset() -> obs` starts a game; `step(action) -> (obs, reward, done, info)` where `obs` is a
+    uint8 array [4, 84, 84], `reward` the training reward (the sign of the game's reward when
+    `clip_rewards`), `done` True when a life is lost or the game is over, and `info` None except on
+    the step that ends a game: `{"reward": whole-game score, unclipped, "length": agent steps}`.
+    The game resets itself when it is over; the returned `obs` is then the new game's first.
+    """
+
+    def __init__(self, seed: int, game: str = "breakout", clip_rewards: bool = True):
+        import ale_py
+
+        ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner per worker
+        self.ale = ale_py.ALEInterface()
+        self.ale.setInt("random_seed", int(seed) % 2**31)
+        self.ale.setFloat("repeat_action_probability", 0.0)
+        self.ale.setInt("max_num_frames_per_episode", MAX_FRAMES)
+        self.ale.loadROM(rom_path(game))
+        self.actions = self.ale.getMinimalActionSet()
+        self.fire = ale_py.Action.FIRE if ale_py.Action.FIRE in self.actions else None
+        self.clip_rewards = clip_rewards
+        self.rng = np.random.default_rng(seed)
+        height, width = self.ale.getScreenDims()
+        # the last two raw grey frames of a step, for the max over flicker
+        self.screens = np.zeros((2, height, width), dtype=np.uint8)
+        self.obs_4 = np.zeros(OBS_SHAPE, dtype=np.uint8)
+        self.score = 0.0
+        self.length = 0
+        self.lives = 0
+
+    def _repeat(self, action) -> float:
+        """Play `action` for FRAME_SKIP frames, keep the last two screens, return the reward."""
+        reward = 0.0
+        for i in range(FRAME_SKIP):
+            reward += self.ale.act(action)
+            if i >= FRAME_SKIP - 2:
+                self.ale.getScreenGrayscale(self.screens[i - (FRAME_SKIP - 2)])
+            if self.ale.game_over():
+                break
+        return reward
+
+    def _push_frame(self):
+        """Max of the last two screens, down to 84x84, onto the frame stack."""
+        import cv2
+
+        frame = cv2.resize(
+            np.maximum(self.screens[0], self.screens[1]), (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_AREA
+        )
+        self.obs_4[:-1] = self.obs_4[1:]
+        self.obs_4[-1] = frame
+
+    def step(self, action: int):
+        reward = self._repeat(self.actions[action])
+        lives = self.ale.lives()
+        life_lost = lives < self.lives
+        self.lives = lives
+        if life_lost and self.fire is not None and not self.ale.game_over():
+            # relaunch the ball, or the agent may wait forever for an action it never learnt
+            reward += self._repeat(self.fire)
+        self.score += reward
+        self.length += 1
+        game_over = self.ale.game_over()
+        done = game_over or life_lost
+        if game_over:
+            info = {"reward": self.score, "length": self.length}
+            self.reset()
+        else:
+            info = None
+            self._push_frame()
+        if self.clip_rewards:
+            reward = float(np.sign(reward))
+        return self.obs_4, reward, done, info
+
+    def reset(self):
+        self.ale.reset_game()
+        for _ in range(self.rng.integers(1, NOOP_MAX + 1)):
+            self.ale.act(self.actions[0])  # the minimal action set starts with NOOP
+        if self.fire is not None:
+            self._repeat(self.fire)
+        self.ale.getScreenGrayscale(self.screens[0])
+        self.screens[1] = self.screens[0]
+        self._push_frame()
+        self.obs_4[:] = self.obs_4[-1]
+        self.score = 0.0
+        self.length = 0
+        self.lives = self.ale.lives()
+        return self.obs_4
+
+
+# ## Worker processes
+#
+# Each Game runs in its own process, driven over a `multiprocessing` Pipe with the commands
+# ("step", action), ("reset", None) and ("close", None). Observations travel through shared
+# memory (28 KB each, written in place by the worker); the pipe carries only the action and
+# (reward, done, info), so no frame is ever pickled.
+
+
+class WorkerError(RuntimeError):
+    """A worker process died or raised."""
+
+
+def _die_with_parent(parent_pid: int):
+    """Have Linux kill this worker if the trainer dies, even by SIGKILL.
+
+    Without it, a worker could wait forever: with the fork start method, later workers inherit
+    the trainer's end of this worker's pipe, so its EOF may not come while they live.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the trainer died before prctl took effect
+        os._exit(0)
+
+
+def worker_process(
+    remote: multiprocessing.connection.Connection, obs_buffer, parent_pid: int, seed: int, game: str, clip_rewards: bool
+):
+    # Ctrl-C goes to the whole process group: the trainer handles it and closes us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
+    obs = np.frombuffer(obs_buffer, dtype=np.uint8).reshape(OBS_SHAPE)
+    try:
+        env = Game(seed, game, clip_rewards)
+        while True:
+            cmd, data = remote.recv()
+            if cmd == "step":
+                obs[:], reward, done, info = env.step(data)
+                remote.send((reward, done, info))
+            elif cmd == "reset":
+                obs[:] = env.reset()
+                remote.send(None)
+            elif cmd == "close":
+                return
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        return  # the trainer is gone
+    except BaseException as e:
+        try:
+            remote.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        except OSError:
+            pass
+        raise SystemExit(1)
+    finally:
+        remote.close()
+
+
+def _mp_context():
+    # fork starts 8 workers in milliseconds; the workers never touch torch, so forking a
+    # process that has torch threads is safe. Elsewhere (macOS, Windows) spawn is the safe one.
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+class Worker:
+    """
+    Creates a new worker and runs it in a separate process.
+
+    `send(cmd, data)` and `receive()` are split so a trainer can step all workers at once;
+    `receive()` raises `WorkerError` naming the worker as soon as it dies or raises.
+    """
+
+    def __init__(self, seed: int, game: str = "breakout", clip_rewards: bool = True, index: int = 0):
+        ctx = _mp_context()
+        self.index = index
+        self.obs_buffer = ctx.RawArray("B", int(np.prod(OBS_SHAPE)))
+        self.obs = np.frombuffer(self.obs_buffer, dtype=np.uint8).reshape(OBS_SHAPE)
+        self.child, parent = ctx.Pipe()
+        self.process = ctx.Process(
+            target=worker_process,
+            name=f"ppo-worker-{index}",
+            daemon=True,
+            args=(parent, self.obs_buffer, os.getpid(), seed, game, clip_rewards),
+        )
+        self.process.start()
+        parent.close()
+
+    def send(self, cmd: str, data=None):
+        try:
+            self.child.send((cmd, data))
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            self._raise_dead()
+
+    def receive(self):
+        # only this worker holds the other end of the pipe (the trainer closed its copy and later
+        # workers never saw it), so its death is an EOF here, at once
+        try:
+            reply = self.child.recv()
+        except (EOFError, ConnectionResetError, OSError):
+            self._raise_dead()
+        if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "error":
+            raise WorkerError(f"worker {self.index} raised {reply[1]}")
+        return reply
+
+    def _raise_dead(self):
+        # a worker that raised sent its error before it exited: that is the cause to report
+        try:
+            while self.child.poll():
+                reply = self.child.recv()
+                if isinstance(reply, tuple) and len(reply) == 2 and reply[0] == "error":
+                    raise WorkerError(f"worker {self.index} raised {reply[1]}")
+        except (EOFError, OSError):
+            pass
+        self.process.join(timeout=1.0)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            cause = f"killed by signal {signal.Signals(-code).name}"
+        else:
+            cause = f"exit code {code}"
+        raise WorkerError(f"worker {self.index} (pid {self.process.pid}) died: {cause}")
+
+    def step(self, action: int):
+        """Blocking step: (obs, reward, done, info), obs a copy of the shared frame stack."""
+        self.send("step", int(action))
+        reward, done, info = self.receive()
+        return self.obs.copy(), reward, done, info
+
+    def reset(self) -> np.ndarray:
+        self.send("reset")
+        self.receive()
+        return self.obs.copy()
+
+    def close(self, timeout: float = 5.0):
+        """Ask the worker to stop and join it; terminate it if it does not stop in time."""
+        if self.process.is_alive():
+            try:
+                self.child.send(("close", None))
+            except OSError:
+                pass
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.child.close()
+
+
+# ## Model
+#
+# The Nature DQN convolutional network (Mnih et al. 2015) shared by the policy and value heads.
+
+
+class Model(nn.Module):
+    def __init__(self, n_actions: int = 4):
+        super().__init__()
+        # 84x84 -> 20x20
+        self.conv1 = nn.Conv2d(in_channels=FRAME_STACK, out_channels=32, kernel_size=8, stride=4)
+        # 20x20 -> 9x9
+        self.conv2 = nn.Conv2d(in_channels=32, out_channels=64, kernel_size=4, stride=2)
+        # 9x9 -> 7x7
+        self.conv3 = nn.Conv2d(in_channels=64, out_channels=64, kernel_size=3, stride=1)
+        self.lin = nn.Linear(in_features=7 * 7 * 64, out_features=512)
+        # logits of pi, one per action of the game's minimal action set
+        self.pi_logits = nn.Linear(in_features=512, out_features=n_actions)
+        self.value = nn.Linear(in_features=512, out_features=1)
+        self.activation = nn.ReLU()
+
+    def forward(self, obs: torch.Tensor) -> Tuple[Categorical, torch.Tensor]:
+        # obs: uint8 [batch, 4, 84, 84]; kept uint8 until here, scaled to [0, 1]
+        h = obs.float() / 255.0
+        if self.conv1.weight.is_contiguous(memory_format=torch.channels_last):
+            h = h.contiguous(memory_format=torch.channels_last)
+        h = self.activation(self.conv1(h))
+        h = self.activation(self.conv2(h))
+        h = self.activation(self.conv3(h))
+        h = h.reshape((-1, 7 * 7 * 64))
+        h = self.activation(self.lin(h))
+        # the heads' outputs go back to fp32 under autocast: probabilities and losses need it
+        pi = Categorical(logits=self.pi_logits(h).float(), validate_args=False)
+        value = self.value(h).float().reshape(-1)
+        return pi, value
+
+
+# ## Generalized Advantage Estimation
+
+
+class GAE:
+    """
+    $\\hat{A}_t = \\delta_t + \\gamma \\lambda \\hat{A}_{t+1}$ with
+    $\\delta_t = r_t + \\gamma V(s_{t+1}) - V(s_t)$.
+
+    The done convention: `done[:, t]` is True when the episode ended with step t, so
+    $s_{t+1}$ belongs to a new episode: its value and everything after it are masked out of
+    $\\hat{A}_t$ (a lost life counts as an ended episode).
+    `values` has `worker_steps + 1` columns: the last is $V$ of the state after the final step,
+    which bootstraps the return of an episode still running when the rollout stops.
+    """
+
+    def __init__(self, n_workers: int, worker_steps: int, gamma: float, lambda_: float):
+        self.lambda_ = lambda_
+        self.gamma = gamma
+        self.worker_steps = worker_steps
+        self.n_workers = n_workers
+
+    def __call__(self, done: np.ndarray, rewards: np.ndarray, values: np.ndarray) -> np.ndarray:
+        advantages = np.zeros((self.n_workers, self.worker_steps), dtype=np.float32)
+        last_advantage = 0
+        last_value = values[:, -1]
+        for t in reversed(range(self.worker_steps)):
+            mask = 1.0 - done[:, t]
+            last_value = last_value * mask
+            last_advantage = last_advantage * mask
+            delta = rewards[:, t] + self.gamma * last_value - values[:, t]
+            last_advantage = delta + self.gamma * self.lambda_ * last_advantage
+            advantages[:, t] = last_advantage
+            last_value = values[:, t]
+        return advantages
+
+
+# ## Losses
+
+
+class ClippedPPOLoss(nn.Module):
+    """
+    $\\mathcal{L}^{CLIP}(\\theta) = \\mathbb{E}\\bigl[\\min\\bigl(r_t(\\theta) \\bar{A}_t,
+    \\operatorname{clip}(r_t(\\theta), 1 - \\epsilon, 1 + \\epsilon) \\bar{A}_t\\bigr)\\bigr]$,
+    returned negated (a loss to minimise). `r_t(\\theta) = \\pi_\\theta(a_t|s_t) /
+    \\pi_{\\theta_{OLD}}(a_t|s_t)` is the probability `ratio`, not the reward. Taking the min means
+    the gradient only pulls the policy back once it has moved more than `clip` away.
+    `clip_fraction` is the share of samples whose ratio lies outside `[1 - clip, 1 + clip]`.
+    """
+
+    def forward(
+        self, log_pi: torch.Tensor, sampled_log_pi: torch.Tensor, advantage: torch.Tensor, clip: float
+    ) -> torch.Tensor:
+        ratio = torch.exp(log_pi - sampled_log_pi)
+        clipped_ratio = ratio.clamp(min=1.0 - clip, max=1.0 + clip)
+        policy_reward = torch.min(ratio * advantage, clipped_ratio * advantage)
+        self.clip_fraction = ((ratio - 1.0).abs() > clip).to(torch.float).mean()
+        return -policy_reward.mean()
+
+
+class ClippedValueFunctionLoss(nn.Module):
+    """
+    $\\mathcal{L}^{VF}(\\theta) = \\frac{1}{2} \\mathbb{E}\\bigl[\\max\\bigl((V_\\theta(s_t) - R_t)^2,
+    (V^{CLIP}_\\theta(s_t) - R_t)^2\\bigr)\\bigr]$ where $V^{CLIP}$ stays within `clip` of the
+    value at sampling time, so the value function cannot jump far from it in one update.
+    """
+
+    def forward(
+        self, value: torch.Tensor, sampled_value: torch.Tensor, sampled_return: torch.Tensor, clip: float
+    ) -> torch.Tensor:
+        clipped_value = sampled_value + (value - sampled_value).clamp(min=-clip, max=clip)
+        vf_loss = torch.max((value - sampled_return) ** 2, (clipped_value - sampled_return) ** 2)
+        return 0.5 * vf_loss.mean()
+
+
+# ## Trainer
+
+
+class Trainer:
+    """
+    Samples from the workers with the current policy, computes advantages, and trains the model
+    for `epochs` passes of `batches` minibatches over each batch.
+
+    `Trainer(configs, **overrides)`: any `Configs` field may be overridden by keyword, and the
+    dynamic ones may be given as labml dynamic hyperparameters (as labml's experiment did).
+    `run_path`, when given, is the folder where `metrics.jsonl` is written.
+    """
+
+    def __init__(self, configs: Optional[Configs] = None, run_path: Optional[Path] = None, **overrides):
+        plain = {k: (v._value if isinstance(v, DynamicHyperParam) else v) for k, v in overrides.items()}
+        c = self.configs = dataclasses.replace(configs or Configs(), **plain)
+        errors = config_errors(c)
+        if errors:
+            raise ValueError("; ".join(f"{name}: {problem}" for name, problem in errors))
+        self.updates = c.updates
+        self.n_workers = c.n_workers
+        self.worker_steps = c.worker_steps
+        self.batches = c.batches
+        # total number of samples for a single update, and the size of a minibatch
+        self.batch_size = self.n_workers * self.worker_steps
+        self.mini_batch_size = self.batch_size // self.batches
+        # ⚙️ the dynamic hyperparameters, read by calling them where they are used:
+        # (self.epochs, self.value_loss_coef, self.entropy_bonus_coef, self.clip_range, self.learning_rate)
+        for name in DYNAMIC:
+            setattr(self, name, dynamic_hyperparam(name, overrides.get(name, getattr(c, name))))
+
+        self.device = select_device(c.device)
+        self.autocast_dtype = select_dtype(c.precision, self.device)
+        torch.manual_seed(c.seed)
+        n_actions = len(minimal_actions(c.game))
+        self.model = Model(n_actions).to(self.device)
+        if c.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = optim.Adam(self.model.parameters(), lr=c.learning_rate)
+        self.gae = GAE(self.n_workers, self.worker_steps, c.gamma, c.lambda_)
+        self.ppo_loss = ClippedPPOLoss()
+        self.value_loss = ClippedValueFunctionLoss()
+
+        self.update = 0  # updates done so far
+        self.env_steps = 0  # agent steps taken by all workers together
+        self.optimizer_steps = 0
+        # whole-game scores and lengths of the last 100 games, reported as their mean
+        self.episode_rewards = deque(maxlen=100)
+        self.episode_lengths = deque(maxlen=100)
+        self.run_path = run_path
+        self.games: List[dict] = []  # the games that ended in the latest rollout
+        self.explained_variance = float("nan")
+
+        # the rollout buffers, allocated once and reused by every update
+        n, t = self.n_workers, self.worker_steps
+        self.obs = np.zeros((n, *OBS_SHAPE), dtype=np.uint8)  # the latest observation of each worker
+        self.rollout_obs = torch.zeros((n, t, *OBS_SHAPE), dtype=torch.uint8)
+        self.rewards = np.zeros((n, t), dtype=np.float32)
+        self.done = np.zeros((n, t), dtype=bool)
+        self.actions = torch.zeros((n, t), dtype=torch.long)
+        self.log_pis = torch.zeros((n, t), dtype=torch.float32, device=self.device)
+        self.values = torch.zeros((n, t + 1), dtype=torch.float32, device=self.device)
+
+        # worker seeds come from one SeedSequence, so runs with nearby seeds share no game
+        seeds = np.random.SeedSequence(c.seed).generate_state(self.n_workers)
+        self.workers: List[Worker] = []
+        try:
+            for i in range(self.n_workers):
+                self.workers.append(Worker(int(seeds[i]), c.game, c.clip_rewards, index=i))
+            for worker in self.workers:
+                worker.send("reset")
+            for i, worker in enumerate(self.workers):
+                worker.receive()
+                self.obs[i] = worker.obs
+        except BaseException:
+            self.destroy()
+            raise
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def sample(self) -> Dict[str, torch.Tensor]:
+        """Sample `worker_steps` steps from each worker with the current policy."""
+        self.model.eval()
+        games = []
+        with torch.no_grad(), self._autocast():
+            for t in range(self.worker_steps):
+                obs = torch.from_numpy(self.obs)  # [n_workers, 4, 84, 84] uint8
+                self.rollout_obs[:, t] = obs
+                pi, v = self.model(obs.to(self.device))
+                a = pi.sample()
+                self.values[:, t] = v
+                self.log_pis[:, t] = pi.log_prob(a)
+                actions = a.cpu()
+                self.actions[:, t] = actions
+                for w, worker in enumerate(self.workers):
+                    worker.send("step", int(actions[w]))
+                for w, worker in enumerate(self.workers):
+                    self.rewards[w, t], self.done[w, t], info = worker.receive()
+                    self.obs[w] = worker.obs
+                    if info:
+                        games.append(info)
+            # V of the state after the final step, to bootstrap unfinished episodes
+            _, v = self.model(torch.from_numpy(self.obs).to(self.device))
+            self.values[:, self.worker_steps] = v
+        self.env_steps += self.batch_size
+        for info in games:
+            self.episode_rewards.append(info["reward"])
+            self.episode_lengths.append(info["length"])
+        self.games = games
+
+        values = self.values.cpu().numpy()
+        advantages = self.gae(self.done, self.rewards, values)
+        returns = values[:, :-1] + advantages
+        var_returns = returns.var()
+        self.explained_variance = (
+            float(1 - (returns - values[:, :-1]).var() / var_returns) if var_returns > 0 else float("nan")
+        )
+
+        samples = {
+            "obs": self.rollout_obs,
+            "actions": self.actions,
+            "values": self.values[:, :-1],
+            "log_pis": self.log_pis,
+            "advantages": torch.from_numpy(advantages),
+        }
+        # [n_workers, worker_steps, ...] -> [batch_size, ...] for training
+        return {k: v.reshape(self.batch_size, *v.shape[2:]).to(self.device) for k, v in samples.items()}
+
+    def train(self, samples: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Train the model on `samples`; returns the mean of each tracked statistic."""
+        self.model.train()
+        stats: Dict[str, List[torch.Tensor]] = {}
+        for _ in range(self.epochs()):
+            indexes = torch.randperm(self.batch_size, device=self.device)
+            for start in range(0, self.batch_size, self.mini_batch_size):
+                mini_batch_indexes = indexes[start : start + self.mini_batch_size]
+                mini_batch = {k: v[mini_batch_indexes] for k, v in samples.items()}
+                loss, mini_batch_stats = self._calc_loss(mini_batch)
+                for k, v in mini_batch_stats.items():
+                    stats.setdefault(k, []).append(v)
+                # read the learning rate now, so a change from the dashboard applies at once
+                for pg in self.optimizer.param_groups:
+                    pg["lr"] = self.learning_rate()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.configs.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer_steps += 1
+        # one device-to-host copy per update instead of one per minibatch
+        keys = list(stats)
+        means = torch.stack([torch.stack(stats[k]).mean() for k in keys]).cpu().tolist()
+        return dict(zip(keys, means))
+
+    @staticmethod
+    def _normalize(adv: torch.Tensor) -> torch.Tensor:
+        return (adv - adv.mean()) / (adv.std() + 1e-8)
+
+    def _calc_loss(self, samples: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The total loss of a minibatch, and the statistics to track."""
+        clip_range = self.clip_range()
+        # R_t, the returns sampled from pi_OLD
+        sampled_return = samples["values"] + samples["advantages"]
+        # normalised advantages: a little bias for much lower variance
+        sampled_normalized_advantage = self._normalize(samples["advantages"])
+        with self._autocast():
+            pi, value = self.model(samples["obs"])
+        log_pi = pi.log_prob(samples["actions"])
+        policy_loss = self.ppo_loss(log_pi, samples["log_pis"], sampled_normalized_advantage, clip_range)
+        entropy_bonus = pi.entropy().mean()
+        value_loss = self.value_loss(value, samples["values"], sampled_return, clip_range)
+        # L^{CLIP+VF+EB} = L^{CLIP} + c_1 L^{VF} - c_2 L^{EB}
+        loss = policy_loss + self.value_loss_coef() * value_loss - self.entropy_bonus_coef() * entropy_bonus
+        # an estimate of KL(pi_OLD || pi) for monitoring (Schulman's "approximating KL" note)
+        approx_kl_divergence = 0.5 * ((samples["log_pis"] - log_pi) ** 2).mean()
+        stats = {
+            "policy_reward": -policy_loss,
+            "value_loss": value_loss,
+            "entropy_bonus": entropy_bonus,
+            "kl_div": approx_kl_divergence,
+            "clip_fraction": self.ppo_loss.clip_fraction,
+        }
+        return loss, {k: v.detach() for k, v in stats.items()}
+
+    def run_training_loop(self):
+        for update in monit.loop(range(self.update, self.updates)):
+            start = time.perf_counter()
+            samples = self.sample()
+            stats = self.train(samples)
+            self.update = update + 1
+            stats["explained_variance"] = self.explained_variance
+            stats["learning_rate"] = self.optimizer.param_groups[0]["lr"]
+            stats["steps_per_second"] = self.batch_size / (time.perf_counter() - start)
+            if self.episode_rewards:
+                stats["reward"] = float(np.mean(self.episode_rewards))
+                stats["length"] = float(np.mean(self.episode_lengths))
+            tracker.set_global_step(self.env_steps)
+            tracker.save(stats)
+            self._write_metrics(stats)
+            if self.update % 1_000 == 0:
+                logger.log()
+
+    def _write_metrics(self, stats: Dict[str, float]):
+        """One JSON line per update in the run folder: the record that needs no server."""
+        if self.run_path is None:
+            return
+        record = {
+            "update": self.update,
+            "env_steps": self.env_steps,
+            "time": time.time(),
+            **stats,
+            "games": [[g["reward"], g["length"]] for g in self.games],
+        }
+        with open(self.run_path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+
+    def destroy(self):
+        """Stop and join every worker process."""
+        for worker in self.workers:
+            if worker.process.is_alive():
+                try:
+                    worker.child.send(("close", None))
+                except OSError:
+                    pass
+        for worker in self.workers:
+            worker.close()
+        self.workers = []
+
+
+# ## Entry point
+
+
+class Interrupted(Exception):
+    """SIGTERM, turned into an exception so every `finally` runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted(f"signal {signal.Signals(signum).name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppo_breakout.py",
+        description="PPO on an Atari game (default Breakout), reported to labml.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for field in dataclasses.fields(Configs):
+        flag = "--" + field.name.rstrip("_").replace("_", "-")
+        if field.type in (bool, "bool"):
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=field.default,
+                help=HELP[field.name],
+            )
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(field.type, field.type)
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                type=kind,
+                default=field.default,
+                metavar=field.name.rstrip("_").upper(),
+                help=HELP[field.name],
+            )
+    return parser
+
+
+def parse_configs(argv: Optional[List[str]] = None) -> Configs:
+    """Configs from the command line; exits with status 2 naming the flag on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configs = Configs(**vars(args))
+    errors = config_errors(configs)
+    for name, problem in errors[:-1]:
+        print(f"{parser.prog}: error: argument --{name.rstrip('_').replace('_', '-')}: {problem}", file=sys.stderr)
+    if errors:
+        name, problem = errors[-1]
+        parser.error(f"argument --{name.rstrip('_').replace('_', '-')}: {problem}")
+    return configs
+
+
+def run_path() -> Path:
+    """The folder labml made for the current run."""
+    from labml.internal.experiment import experiment_singleton
+
+    return Path(experiment_singleton().run.run_path)
+
+
+def main(argv: Optional[List[str]] = None):
+    configs = parse_configs(argv)
+    experiment.create(name="ppo_breakout", writers={"screen", "sqlite"})
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    trainer = None
+    try:
+        trainer = Trainer(configs, run_path=run_path())
+        hyperparams = {k: getattr(trainer, k) for k in DYNAMIC}
+        experiment.configs({**dataclasses.asdict(configs), **hyperparams})
+        with experiment.start():
+            trainer.run_training_loop()
+    except KeyboardInterrupt:
+        print("\nInterrupted: workers stopped, metrics are in the run folder.", file=sys.stderr)
+        return 130
+    except Interrupted as e:
+        print(f"\nStopped by {e}: workers stopped, metrics are in the run folder.", file=sys.stderr)
+        return 143
+    except WorkerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if trainer is not None:
+            trainer.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

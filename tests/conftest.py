@@ -1,0 +1,45 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def child_pids(pid: int = None) -> set:
+    """Live child processes of `pid` (default: this test process), read from /proc."""
+    pid = os.getpid() if pid is None else pid
+    children = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return {c for c in children if _alive(c)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def no_leftover_children():
+    """Fails the test if it leaves a child process behind."""
+    before = child_pids()
+    yield
+    left = child_pids() - before
+    assert not left, f"child processes left behind: {left}"
+
+
+@pytest.fixture
+def script_dir(tmp_path):
+    """A folder holding a copy of the script, so a CLI run writes its run folder there."""
+    for name in ("ppo_breakout.py", ".labml.yaml"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    return tmp_path

@@ -1,0 +1,155 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import child_pids
+
+BAD_INPUTS = [
+    (["--updates", "0"], "--updates", "positive"),
+    (["--epochs", "-1"], "--epochs", "positive"),
+    (["--n-workers", "0"], "--n-workers", "positive"),
+    (["--worker-steps", "0"], "--worker-steps", "positive"),
+    (["--batches", "0"], "--batches", "positive"),
+    (["--batches", "3"], "--batches", "does not divide"),
+    (["--n-workers", "3", "--worker-steps", "10", "--batches", "4"], "--batches", "does not divide"),
+    (["--learning-rate", "-0.001"], "--learning-rate", "negative"),
+    (["--value-loss-coef", "-1"], "--value-loss-coef", "negative"),
+    (["--entropy-bonus-coef", "-0.01"], "--entropy-bonus-coef", "negative"),
+    (["--clip-range", "0"], "--clip-range", "(0, 1)"),
+    (["--clip-range", "1.5"], "--clip-range", "(0, 1)"),
+    (["--game", "not_a_game"], "--game", "not_a_game"),
+    (["--device", "tpu"], "--device", "tpu"),
+    (["--updates", "many"], "--updates", "invalid int value"),
+]
+if not torch.cuda.is_available():
+    BAD_INPUTS.append((["--device", "cuda"], "--device", "CUDA is not available"))
+
+
+def run(script_dir: Path, *args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "ppo_breakout.py", *args], cwd=script_dir, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("args,flag,problem", BAD_INPUTS, ids=[" ".join(a) for a, _, _ in BAD_INPUTS])
+def test_bad_input_exits_2_naming_the_flag_and_starts_nothing(script_dir, args, flag, problem):
+    result = run(script_dir, *args, timeout=60)
+    assert result.returncode == 2, result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert flag in last_line and problem in last_line, last_line
+    assert "Traceback" not in result.stderr
+    assert not (script_dir / "logs").exists(), "no run folder may be written"
+
+
+def test_help_shows_every_flag_with_its_default(script_dir):
+    out = run(script_dir, "--help", timeout=60).stdout.split("options:", 1)[1]
+    for flag, default in [
+        ("--updates", "10000"),
+        ("--epochs", "8"),
+        ("--n-workers", "8"),
+        ("--worker-steps", "128"),
+        ("--batches", "4"),
+        ("--value-loss-coef", "0.5"),
+        ("--entropy-bonus-coef", "0.01"),
+        ("--clip-range", "0.1"),
+        ("--learning-rate", "0.001"),
+        ("--gamma", "0.99"),
+        ("--lambda", "0.95"),
+        ("--seed", "1"),
+        ("--game", "breakout"),
+        ("--device", "auto"),
+    ]:
+        assert flag in out
+        line = " ".join(out.split(f"  {flag} ", 1)[1].split("\n  --", 1)[0].split())
+        assert f"(default: {default})" in line, (flag, line)
+
+
+def test_importing_the_module_starts_nothing(tmp_path):
+    code = (
+        "import ppo_breakout, multiprocessing, threading; " "assert not multiprocessing.active_children(); print('ok')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "ok", result.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_short_run_finishes_and_writes_its_metrics(script_dir):
+    result = run(script_dir, "--updates", "2", "--n-workers", "2", "--worker-steps", "32", "--epochs", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (metrics,) = script_dir.glob("logs/ppo_breakout/*/metrics.jsonl")
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["update"] for r in records] == [1, 2]
+    assert [r["env_steps"] for r in records] == [64, 128]
+    assert "policy_reward" in result.stdout and "steps_per_second" in result.stdout
+
+
+def _start(script_dir, *args):
+    return subprocess.Popen(
+        [sys.executable, "ppo_breakout.py", *args],
+        cwd=script_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for_first_update(script_dir, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list(script_dir.glob("logs/ppo_breakout/*/metrics.jsonl")):
+            return
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.2)
+    raise AssertionError("no update within the timeout")
+
+
+LONG_RUN = ("--updates", "1000", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1")
+
+
+def test_a_worker_killed_during_a_run_ends_it_with_a_clear_error_and_no_orphans(script_dir):
+    process = _start(script_dir, *LONG_RUN)
+    try:
+        _wait_for_first_update(script_dir, process)
+        workers = child_pids(process.pid)
+        assert len(workers) == 2
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 1
+    assert f"pid {victim}) died: killed by signal SIGKILL" in stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stderr
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers - {victim})
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_end_the_run_cleanly(script_dir, sig, code):
+    process = _start(script_dir, *LONG_RUN)
+    try:
+        _wait_for_first_update(script_dir, process)
+        workers = child_pids(process.pid)
+        assert len(workers) == 2
+        # Ctrl-C reaches the whole process group; `kill` reaches the trainer alone
+        if sig == signal.SIGINT:
+            os.killpg(process.pid, sig)
+        else:
+            os.kill(process.pid, sig)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    time.sleep(0.5)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)

@@ -1,0 +1,101 @@
+import json
+import math
+
+import pytest
+import torch
+
+from ppo_breakout import Trainer
+
+SMALL = dict(n_workers=2, worker_steps=16, batches=2, epochs=1, seed=3)
+
+
+def test_one_update_end_to_end_on_the_cpu(tmp_path, no_leftover_children):
+    with Trainer(updates=1, run_path=tmp_path, **SMALL) as trainer:
+        trainer.run_training_loop()
+        assert trainer.update == 1 and trainer.env_steps == 32
+        assert trainer.device.type == "cpu"
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    for key in (
+        "policy_reward",
+        "value_loss",
+        "entropy_bonus",
+        "kl_div",
+        "clip_fraction",
+        "explained_variance",
+        "learning_rate",
+        "steps_per_second",
+    ):
+        assert key in record and math.isfinite(record[key]), key
+    assert record["env_steps"] == 32 and record["learning_rate"] == pytest.approx(1e-3)
+
+
+def test_sample_shapes_and_dtypes(no_leftover_children):
+    with Trainer(**SMALL) as trainer:
+        samples = trainer.sample()
+    assert samples["obs"].shape == (32, 4, 84, 84) and samples["obs"].dtype == torch.uint8
+    for key in ("actions", "values", "log_pis", "advantages"):
+        assert samples[key].shape == (32,), key
+    assert samples["actions"].max() < 4
+
+
+def test_same_seed_twice_gives_the_same_losses(no_leftover_children):
+    results = []
+    for _ in range(2):
+        with Trainer(**SMALL) as trainer:
+            results.append([trainer.train(trainer.sample()) for _ in range(2)])
+    assert results[0] == results[1]
+    with Trainer(**{**SMALL, "seed": 4}) as trainer:
+        other = [trainer.train(trainer.sample()) for _ in range(2)]
+    assert other != results[0]
+
+
+def test_a_changed_dynamic_hyperparameter_is_used_by_the_next_update(no_leftover_children):
+    with Trainer(**SMALL) as trainer:
+        trainer.epochs.set_value(1)
+        trainer.train(trainer.sample())
+        one_epoch = trainer.optimizer_steps
+        assert one_epoch == 2  # 2 minibatches
+        trainer.epochs.set_value(2)
+        trainer.learning_rate.set_value(2e-4)
+        trainer.train(trainer.sample())
+        assert trainer.optimizer_steps - one_epoch == 2 * one_epoch
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)
+
+
+def test_clip_range_is_read_at_every_minibatch(no_leftover_children):
+    with Trainer(**SMALL) as trainer:
+        samples = trainer.sample()
+        seen = []
+        original = trainer.ppo_loss.forward
+
+        def spy(log_pi, sampled_log_pi, advantage, clip):
+            seen.append(clip)
+            if len(seen) == 1:
+                trainer.clip_range.set_value(0.25)  # changed mid-epoch, as the dashboard may
+            return original(log_pi, sampled_log_pi, advantage, clip)
+
+        trainer.ppo_loss.forward = spy
+        trainer.train(samples)
+    assert seen == [0.1, 0.25]
+
+
+def test_the_policy_update_raises_the_probability_of_an_action_with_positive_advantage(no_leftover_children):
+    with Trainer(**{**SMALL, "entropy_bonus_coef": 0.0, "value_loss_coef": 0.0, "epochs": 4}) as trainer:
+        samples = trainer.sample()
+        # half the samples took action 2 and it paid off, the other half took 3 and it did not
+        actions = torch.tensor([2, 3] * 16)
+        with torch.no_grad():
+            pi, _ = trainer.model(samples["obs"])
+        samples["actions"] = actions
+        samples["log_pis"] = pi.log_prob(actions)
+        samples["advantages"] = torch.where(actions == 2, 1.0, -1.0)
+        trainer.train(samples)
+        with torch.no_grad():
+            after, _ = trainer.model(samples["obs"])
+    assert (after.probs[:, 2] - pi.probs[:, 2]).mean() > 0.01
+    assert (after.probs[:, 3] - pi.probs[:, 3]).mean() < -0.01
+
+
+def test_bad_configuration_is_refused_before_any_worker_starts(no_leftover_children):
+    with pytest.raises(ValueError, match="batches: 3 does not divide"):
+        Trainer(n_workers=2, worker_steps=16, batches=3)

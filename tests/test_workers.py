@@ -1,0 +1,94 @@
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from conftest import child_pids
+
+from ppo_breakout import OBS_SHAPE, Game, Trainer, Worker, WorkerError
+
+
+def test_step_reset_close_round_trip(no_leftover_children):
+    worker = Worker(seed=5, index=0)
+    try:
+        obs = worker.reset()
+        np.testing.assert_array_equal(obs, Game(seed=5).reset())
+        obs, reward, done, info = worker.step(1)
+        assert obs.shape == OBS_SHAPE and obs.dtype == np.uint8
+        assert reward in (0.0, 1.0) and done in (False, True)
+    finally:
+        worker.close()
+    assert not worker.process.is_alive() and worker.process.exitcode == 0
+
+
+def test_unknown_command_raises_a_worker_error_naming_the_worker(no_leftover_children):
+    worker = Worker(seed=0, index=3)
+    try:
+        worker.send("jump", None)
+        with pytest.raises(WorkerError, match=r"worker 3 raised ValueError: unknown command 'jump'"):
+            worker.receive()
+    finally:
+        worker.close()
+
+
+def test_a_worker_killed_with_sigkill_makes_the_trainer_raise_a_clear_error(no_leftover_children):
+    trainer = Trainer(n_workers=2, worker_steps=8, batches=1, epochs=1)
+    try:
+        victim = trainer.workers[1].process
+        os.kill(victim.pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=rf"worker 1 \(pid {victim.pid}\) died: killed by signal SIGKILL"):
+            trainer.sample()
+        assert time.monotonic() - start < 5
+    finally:
+        trainer.destroy()
+
+
+def test_destroy_joins_every_worker(no_leftover_children):
+    trainer = Trainer(n_workers=3, worker_steps=4, batches=1, epochs=1)
+    pids = {w.process.pid for w in trainer.workers}
+    assert pids <= child_pids()
+    trainer.destroy()
+    assert not pids & child_pids()
+
+
+def test_an_exception_in_the_loop_leaves_no_child_process(no_leftover_children):
+    with pytest.raises(RuntimeError, match="boom"):
+        with Trainer(n_workers=2, worker_steps=4, batches=1, epochs=1) as trainer:
+
+            def explode(samples):
+                raise RuntimeError("boom")
+
+            trainer.train = explode
+            trainer.run_training_loop()
+
+
+def test_an_exception_inside_a_worker_is_reported_with_its_cause(no_leftover_children, monkeypatch):
+    from ppo_breakout import Game
+
+    def broken_reset(self):
+        raise RuntimeError("the emulator is on fire")
+
+    monkeypatch.setattr(Game, "reset", broken_reset)  # the forked worker inherits it
+    worker = Worker(seed=0, index=2)
+    try:
+        worker.send("reset")
+        with pytest.raises(WorkerError, match="worker 2 raised RuntimeError: the emulator is on fire"):
+            worker.receive()
+    finally:
+        worker.close()
+
+
+def test_a_worker_whose_emulator_exits_is_reported(no_leftover_children, monkeypatch):
+    # ALE calls exit(1) itself on a missing ROM file: no Python exception ever reaches us
+    import ppo_breakout
+
+    monkeypatch.setattr(ppo_breakout, "rom_path", lambda game: "/nonexistent/rom.bin")
+    worker = Worker(seed=0, index=4)
+    try:
+        worker.send("reset")
+        with pytest.raises(WorkerError, match=r"worker 4 \(pid \d+\) died: exit code 1"):
+            worker.receive()
+    finally:
+        worker.close()
