@@ -823,11 +823,12 @@ def _on_sigterm(signum, frame):
     raise Interrupted(f"signal {signal.Signals(signum).name}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppo_breakout.py",
         description="PPO on an Atari game (default Breakout), reported to labml.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        add_help=add_help,
     )
     for field in dataclasses.fields(Configs):
         flag = "--" + field.name.rstrip("_").replace("_", "-")

@@ -1,0 +1,189 @@
+"""
+Speed of ppo_breakout on this machine, measured with the real Worker and Trainer code.
+
+    python bench.py                      # the default configuration (8 workers x 128 steps, epochs 8)
+    python bench.py --epochs 4           # the speed target's other configuration
+    python bench.py --precision fp32 --no-channels-last   # the plain path, for comparison
+
+Prints, for one configuration: env-only steps/s through our Workers and through ale-py's C++
+AtariVectorEnv with the same games and preprocessing (side by side, with the ratio); rollout
+steps/s with the model in the loop; update samples/s; whole-loop env steps/s over several updates
+after a warm-up; and the peak memory of all processes. Figures are medians or totals of one run,
+so compare ratios within a run: machines here are shared and noisy.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ppo_breakout as ppo
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    system = f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    return f"{model}, {os.cpu_count()} cores, {system}"
+
+
+def pss_mib(pids) -> float:
+    """Proportional set size of `pids` together: pages shared by forked workers counted once."""
+    total_kib = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kib += int(line.split()[1])
+        except OSError:
+            pass
+    return total_kib / 1024
+
+
+class PeakMemory(threading.Thread):
+    """Samples the memory of the trainer and its workers every 50 ms; `peak` is the largest sum."""
+
+    def __init__(self, pids):
+        super().__init__(daemon=True)
+        self.pids, self.peak, self.running = pids, 0.0, True
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, pss_mib(self.pids))
+            time.sleep(0.05)
+
+    def stop(self) -> float:
+        self.running = False
+        self.join()
+        return self.peak
+
+
+def env_steps_per_second(step_all, n_workers: int, steps: int) -> float:
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step_all(rng.integers(4, size=n_workers))
+    return steps * n_workers / (time.perf_counter() - start)
+
+
+def bench_workers(trainer: "ppo.Trainer", steps: int) -> float:
+    """Random actions through the Trainer's own Workers, stepped in lockstep as `sample()` does."""
+
+    def step_all(actions):
+        for worker, action in zip(trainer.workers, actions):
+            worker.send("step", int(action))
+        for worker in trainer.workers:
+            worker.receive()
+
+    step_all(np.zeros(trainer.n_workers, dtype=int))
+    return env_steps_per_second(step_all, trainer.n_workers, steps)
+
+
+def bench_vector_env(c: "ppo.Configs", steps: int) -> float:
+    """ale-py's C++ AtariVectorEnv with the same protocol: no sticky actions, 4-frame max-pool,
+    84x84 grey, 4-frame stack, 30 no-op starts, FIRE reset, 108,000-frame cap, one thread per core."""
+    from ale_py.vector_env import AtariVectorEnv
+
+    env = AtariVectorEnv(
+        c.game,
+        c.n_workers,
+        num_threads=os.cpu_count() or 1,
+        repeat_action_probability=0.0,
+        frameskip=ppo.FRAME_SKIP,
+        stack_num=ppo.FRAME_STACK,
+        img_height=ppo.FRAME_SIZE,
+        img_width=ppo.FRAME_SIZE,
+        noop_max=ppo.NOOP_MAX,
+        max_num_frames_per_episode=ppo.MAX_FRAMES,
+        reward_clipping=c.clip_rewards,
+        use_fire_reset=True,
+    )
+    try:
+        env.reset(seed=c.seed)
+        env.step(np.zeros(c.n_workers, dtype=np.int64))
+        return env_steps_per_second(env.step, c.n_workers, steps)
+    finally:
+        env.close()
+
+
+def main():
+    # every ppo_breakout.py flag (--epochs, --n-workers, --precision, ...) with the same default
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        parents=[ppo.build_parser(add_help=False)],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--env-steps", type=int, default=400, help="vector steps for the env-only figures")
+    parser.add_argument("--warmup", type=int, default=1, help="updates before the whole-loop timing")
+    parser.add_argument("--measure", type=int, default=5, help="updates timed for the whole-loop figure")
+    args = parser.parse_args()
+    c = ppo.Configs(**{k: v for k, v in vars(args).items() if k in ppo.Configs.__dataclass_fields__})
+    errors = ppo.config_errors(c)
+    if errors:
+        name, problem = errors[-1]
+        parser.error(f"argument --{name.rstrip('_').replace('_', '-')}: {problem}")
+
+    with ppo.Trainer(c) as trainer:
+        dtype = trainer.autocast_dtype
+        print(f"machine:   {machine()}")
+        print(
+            f"software:  torch {torch.__version__}, {torch.get_num_threads()} torch threads, " f"numpy {np.__version__}"
+        )
+        print(
+            f"config:    {c.game}, {c.n_workers} workers x {c.worker_steps} steps, {c.batches} minibatches, "
+            f"epochs {c.epochs}, device {trainer.device}, "
+            f"precision {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}, "
+            f"channels_last {c.channels_last}"
+        )
+
+        ours = bench_workers(trainer, args.env_steps)
+        vector = bench_vector_env(c, args.env_steps)
+        print(
+            f"env only:  Workers {ours:8.0f} steps/s | AtariVectorEnv {vector:8.0f} steps/s | "
+            f"ratio {ours / vector:.2f}"
+        )
+
+        memory = PeakMemory([os.getpid()] + [w.process.pid for w in trainer.workers])
+        memory.start()
+        for _ in range(args.warmup):
+            trainer.train(trainer.sample())
+        rollout, update, loop = [], [], []
+        for _ in range(args.measure):
+            start = time.perf_counter()
+            samples = trainer.sample()
+            sampled = time.perf_counter()
+            trainer.train(samples)
+            done = time.perf_counter()
+            rollout.append(trainer.batch_size / (sampled - start))
+            update.append(trainer.batch_size * trainer.epochs() / (done - sampled))
+            loop.append(done - start)
+        print(f"rollout:   {statistics.median(rollout):8.0f} env steps/s with the model in the loop")
+        print(
+            f"update:    {statistics.median(update):8.0f} samples/s through forward+backward+Adam "
+            f"({1000 * trainer.mini_batch_size / statistics.median(update):.0f} ms per minibatch "
+            f"of {trainer.mini_batch_size})"
+        )
+        print(
+            f"loop:      {args.measure * trainer.batch_size / sum(loop):8.0f} env steps/s over "
+            f"{args.measure} updates after {args.warmup} warm-up"
+        )
+        print(
+            f"memory:    {memory.stop():8.0f} MiB peak, trainer + {len(trainer.workers)} workers "
+            "(sum of proportional set sizes, sampled every 50 ms)"
+        )
+
+
+if __name__ == "__main__":
+    main()
