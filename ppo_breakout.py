@@ -21,6 +21,7 @@ configuration -> Game -> worker processes -> Model -> GAE -> losses -> Trainer -
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import multiprocessing
@@ -87,6 +88,10 @@ class Configs:
     precision: str = "auto"
     # NHWC convolutions: ~1.5x faster on the CPU with oneDNN
     channels_last: bool = True
+    # a checkpoint every this many updates (and at the end, and on Ctrl-C / SIGTERM)
+    checkpoint_every: int = 50
+    # the newest checkpoints kept in the run folder; older ones are deleted
+    keep_checkpoints: int = 3
 
 
 # The help text of each flag: the comment above each field says the same for readers of the file.
@@ -109,6 +114,8 @@ HELP = {
     "max_grad_norm": "global gradient-norm clip",
     "precision": "auto, fp32 or bf16 (autocast; losses stay fp32)",
     "channels_last": "NHWC memory format for the convolutions",
+    "checkpoint_every": "updates between checkpoints (also saved at the end and on Ctrl-C/SIGTERM)",
+    "keep_checkpoints": "how many of the newest checkpoints to keep",
 }
 
 # The dynamic hyperparameters: labml class and the range the dashboard offers. A value given on
@@ -133,7 +140,7 @@ def dynamic_hyperparam(name: str, value) -> DynamicHyperParam:
 def config_errors(c: Configs) -> List[Tuple[str, str]]:
     """Every problem with `c`, as (flag, problem); empty when the configuration can run."""
     errors = []
-    for name in ("updates", "epochs", "n_workers", "worker_steps", "batches"):
+    for name in ("updates", "epochs", "n_workers", "worker_steps", "batches", "checkpoint_every", "keep_checkpoints"):
         if getattr(c, name) <= 0:
             errors.append((name, f"must be a positive integer, got {getattr(c, name)}"))
     batch_size = c.n_workers * c.worker_steps
@@ -255,12 +262,20 @@ class Game:
         self.score = 0.0
         self.length = 0
         self.lives = 0
+        # when a list, every emulator frame in colour is appended to it (the evaluation video)
+        self.frames: Optional[List[np.ndarray]] = None
+
+    def _act(self, action) -> float:
+        reward = self.ale.act(action)
+        if self.frames is not None:
+            self.frames.append(self.ale.getScreenRGB())
+        return reward
 
     def _repeat(self, action) -> float:
         """Play `action` for FRAME_SKIP frames, keep the last two screens, return the reward."""
         reward = 0.0
         for i in range(FRAME_SKIP):
-            reward += self.ale.act(action)
+            reward += self._act(action)
             if i >= FRAME_SKIP - 2:
                 self.ale.getScreenGrayscale(self.screens[i - (FRAME_SKIP - 2)])
             if self.ale.game_over():
@@ -302,7 +317,7 @@ class Game:
     def reset(self):
         self.ale.reset_game()
         for _ in range(self.rng.integers(1, NOOP_MAX + 1)):
-            self.ale.act(self.actions[0])  # the minimal action set starts with NOOP
+            self._act(self.actions[0])  # the minimal action set starts with NOOP
         if self.fire is not None:
             self._repeat(self.fire)
         self.ale.getScreenGrayscale(self.screens[0])
@@ -587,10 +602,17 @@ class Trainer:
 
     `Trainer(configs, **overrides)`: any `Configs` field may be overridden by keyword, and the
     dynamic ones may be given as labml dynamic hyperparameters (as labml's experiment did).
-    `run_path`, when given, is the folder where `metrics.jsonl` is written.
+    `run_path`, when given, is the folder where `metrics.jsonl` and the checkpoints are written.
+    `checkpoint`, a `state_dict()` saved earlier, continues that run from its update.
     """
 
-    def __init__(self, configs: Optional[Configs] = None, run_path: Optional[Path] = None, **overrides):
+    def __init__(
+        self,
+        configs: Optional[Configs] = None,
+        run_path: Optional[Path] = None,
+        checkpoint: Optional[dict] = None,
+        **overrides,
+    ):
         plain = {k: (v._value if isinstance(v, DynamicHyperParam) else v) for k, v in overrides.items()}
         c = self.configs = dataclasses.replace(configs or Configs(), **plain)
         errors = config_errors(c)
@@ -640,8 +662,14 @@ class Trainer:
         self.log_pis = torch.zeros((n, t), dtype=torch.float32, device=self.device)
         self.values = torch.zeros((n, t + 1), dtype=torch.float32, device=self.device)
 
-        # worker seeds come from one SeedSequence, so runs with nearby seeds share no game
-        seeds = np.random.SeedSequence(c.seed).generate_state(self.n_workers)
+        self.stop_requested = False  # set by Ctrl-C / SIGTERM: stop after the current update
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint)
+
+        # worker seeds come from one SeedSequence, so runs with nearby seeds share no game; a
+        # resumed run starts new games (the emulators' states are not saved), seeded by its update
+        entropy = c.seed if self.update == 0 else [c.seed, self.update]
+        seeds = np.random.SeedSequence(entropy).generate_state(self.n_workers)
         self.workers: List[Worker] = []
         try:
             for i in range(self.n_workers):
@@ -778,6 +806,74 @@ class Trainer:
             self._write_metrics(stats)
             if self.update % 1_000 == 0:
                 logger.log()
+            if self.update % self.configs.checkpoint_every == 0:
+                self.save_checkpoint()
+                self.refresh_plot()
+            if self.stop_requested:
+                break
+        self.save_checkpoint()
+        self.refresh_plot()
+
+    # ### Checkpoints
+    #
+    # Everything needed to go on exactly: the model, Adam's moments, the counters, the
+    # configuration with the dynamic hyperparameters' current values, the random state and the
+    # last-100-game statistics. Plain types and tensors only, so `torch.load(weights_only=True)`
+    # reads it without running any code from the file.
+
+    def state_dict(self) -> dict:
+        configs = dataclasses.asdict(self.configs)
+        configs.update({name: getattr(self, name)._value for name in DYNAMIC})
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "configs": configs,
+            "n_actions": self.model.pi_logits.out_features,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "update": self.update,
+            "env_steps": self.env_steps,
+            "optimizer_steps": self.optimizer_steps,
+            "episode_rewards": list(self.episode_rewards),
+            "episode_lengths": list(self.episode_lengths),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: dict):
+        state = copy.deepcopy(state)  # Adam adopts the tensors it is given: training must not alter `state`
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.update = state["update"]
+        self.env_steps = state["env_steps"]
+        self.optimizer_steps = state["optimizer_steps"]
+        self.episode_rewards.extend(state["episode_rewards"])
+        self.episode_lengths.extend(state["episode_lengths"])
+        for name in DYNAMIC:
+            getattr(self, name)._value = state["configs"][name]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """Write `checkpoints/update_NNNNNNN.pt` in the run folder, atomically; keep the newest few."""
+        if self.run_path is None or self.update == 0:
+            return None
+        folder = self.run_path / "checkpoints"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"update_{self.update:07d}.pt"
+        atomic_save(self.state_dict(), path)
+        for old in sorted(folder.glob("update_*.pt"))[: -self.configs.keep_checkpoints]:
+            old.unlink()
+        return path
+
+    def refresh_plot(self):
+        """Redraw curve.png in the run folder, for a user without the dashboard; never fatal."""
+        if self.run_path is None:
+            return
+        try:
+            plot_runs([self.run_path], self.run_path / "curve.png")
+        except Exception as e:
+            logger.log(f"curve.png not refreshed: {type(e).__name__}: {e}")
 
     def _write_metrics(self, stats: Dict[str, float]):
         """One JSON line per update in the run folder: the record that needs no server."""
@@ -812,59 +908,259 @@ class Trainer:
         self.workers = []
 
 
+# ## Checkpoint files
+
+CHECKPOINT_FORMAT = 1  # bumped when the checkpoint's contents change
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable or does not fit; the message is one line."""
+
+
+def atomic_save(state: dict, path: Path):
+    """Write to a temporary file, flush it to disk, then rename: a kill at any moment leaves
+    either the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def find_checkpoint(path: Path) -> Path:
+    """`path` itself, or the newest checkpoint of the run folder `path`."""
+    if path.is_dir():
+        found = sorted(path.glob("checkpoints/update_*.pt")) or sorted(path.glob("update_*.pt"))
+        if not found:
+            raise CheckpointError(f"no checkpoint in {path}")
+        return found[-1]
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint(path, game: Optional[str] = None) -> Tuple[Path, dict]:
+    """Read a checkpoint (file or run folder); with `game`, check its policy fits that game."""
+    path = find_checkpoint(Path(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({type(e).__name__})")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a ppo_breakout checkpoint (format {CHECKPOINT_FORMAT})")
+    game = game or state["configs"]["game"]
+    if rom_path(game) is None:
+        raise CheckpointError(f"ale-py ships no ROM named {game!r}")
+    n_actions = len(minimal_actions(game))
+    if state["n_actions"] != n_actions:
+        raise CheckpointError(
+            f"checkpoint {path} has a policy with {state['n_actions']} actions, but {game} has {n_actions}"
+        )
+    return path, state
+
+
+# ## Evaluation and plots
+
+VIDEO_FPS = 60  # the Atari's frame rate: the video plays at the game's own speed
+
+
+def evaluate(
+    checkpoint,
+    episodes: int = 30,
+    video: Optional[Path] = None,
+    greedy: bool = False,
+    seed: int = 10_000,
+    device: str = "auto",
+) -> Dict[str, list]:
+    """Play `episodes` whole games (all lives, unclipped score, the training protocol's no-op
+    starts) with the checkpoint's policy; game i is seeded by SeedSequence([seed, i]).
+    Writes the first game as an MP4 when `video` is given. Never writes to the run folder."""
+    path, state = load_checkpoint(checkpoint)
+    game_name = state["configs"]["game"]
+    model = Model(state["n_actions"])
+    model.load_state_dict(state["model"])
+    model = model.to(select_device(device)).eval()
+    seeds = [int(s) for s in np.random.SeedSequence([seed, 0]).generate_state(episodes)]
+    generator = torch.Generator().manual_seed(seed)
+    scores, lengths = [], []
+    for i, game_seed in enumerate(seeds):
+        game = Game(game_seed, game_name, clip_rewards=False)
+        if i == 0 and video is not None:
+            game.frames = []
+        obs, info = game.reset(), None
+        while info is None:
+            with torch.no_grad():
+                pi, _ = model(torch.from_numpy(obs).unsqueeze(0).to(model.conv1.weight.device))
+            probs = pi.probs.cpu()
+            action = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator)
+            obs, _, _, info = game.step(int(action))
+        scores.append(info["reward"])
+        lengths.append(info["length"])
+        print(
+            f"game {i + 1:3d}/{episodes}  seed {game_seed:10d}  score {info['reward']:7.1f}  "
+            f"length {info['length']:6d}",
+            flush=True,
+        )
+        if i == 0 and video is not None:
+            write_video(video, game.frames)
+            game.frames = None
+    return {"scores": scores, "lengths": lengths, "seeds": seeds, "checkpoint": str(path)}
+
+
+def write_video(path: Path, frames: List[np.ndarray]):
+    import imageio.v2 as imageio
+
+    # macro_block_size=1 keeps the game's own 160x210 instead of padding it to a multiple of 16
+    with imageio.get_writer(
+        path, fps=VIDEO_FPS, codec="libx264", macro_block_size=1, ffmpeg_log_level="error"
+    ) as writer:
+        for frame in frames:
+            writer.append_data(frame)
+
+
+def read_metrics(folder: Path) -> List[dict]:
+    path = Path(folder) / "metrics.jsonl"
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line cut by a crash mid-write: the others are still good
+    if not records:
+        raise CheckpointError(f"no metrics in {folder} (expected a run folder with metrics.jsonl)")
+    return records
+
+
+PLOT_SIZE = (12, 9)  # inches; at PLOT_DPI, 1200x900 pixels
+PLOT_DPI = 100
+PLOT_PANELS = ["value_loss", "policy_reward", "entropy_bonus", "kl_div", "clip_fraction", "steps_per_second"]
+
+
+def plot_runs(folders: List[Path], output: Path, baseline: Optional[float] = None):
+    """The game score (each game faint, the 100-game mean bold) against env steps, and the
+    training statistics in small panels, one colour per run folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(Path(folder), read_metrics(folder)) for folder in folders]
+    figure = plt.figure(figsize=PLOT_SIZE, dpi=PLOT_DPI)
+    grid = figure.add_gridspec(3, 3, height_ratios=[2, 1, 1])
+    score_axes = figure.add_subplot(grid[0, :])
+    panel_axes = [figure.add_subplot(grid[1 + i // 3, i % 3]) for i in range(len(PLOT_PANELS))]
+    for (folder, records), colour in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+        label = folder.name[:12] if len(runs) > 1 else None
+        game_steps = [r["env_steps"] for r in records for _ in r.get("games", [])]
+        game_scores = [g[0] for r in records for g in r.get("games", [])]
+        score_axes.scatter(game_steps, game_scores, s=6, alpha=0.3, color=colour, linewidths=0)
+        with_mean = [r for r in records if "reward" in r]
+        score_axes.plot(
+            [r["env_steps"] for r in with_mean],
+            [r["reward"] for r in with_mean],
+            color=colour,
+            linewidth=2,
+            label=label,
+        )
+        for axes, key in zip(panel_axes, PLOT_PANELS):
+            points = [(r["env_steps"], r[key]) for r in records if key in r]
+            if points:
+                axes.plot(*zip(*points), color=colour, linewidth=1)
+    if baseline is not None:
+        score_axes.axhline(baseline, color="grey", linestyle="--", label=f"random policy ({baseline:.1f})")
+    score_axes.set_ylabel("game score (whole game, unclipped)")
+    score_axes.set_title("faint: each game; bold: mean of the last 100 games")
+    if len(runs) > 1 or baseline is not None:
+        score_axes.legend(loc="upper left")
+    for axes, key in zip(panel_axes, PLOT_PANELS):
+        axes.set_title(key, fontsize=9)
+        axes.tick_params(labelsize=7)
+    for axes in [score_axes, *panel_axes[3:]]:
+        axes.set_xlabel("env steps", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output, dpi=PLOT_DPI)
+    plt.close(figure)
+
+
 # ## Entry point
+#
+#     python ppo_breakout.py [flags]                 train (every Configs field is a flag)
+#     python ppo_breakout.py --resume RUN_OR_FILE    go on from a checkpoint
+#     python ppo_breakout.py evaluate CHECKPOINT [--episodes 30] [--video game.mp4] [--greedy]
+#     python ppo_breakout.py plot RUN_FOLDER [RUN_FOLDER ...] [-o curve.png]
 
 
-class Interrupted(Exception):
-    """SIGTERM, turned into an exception so every `finally` runs."""
+def flag_of(name: str) -> str:
+    return "--" + name.rstrip("_").replace("_", "-")
 
 
-def _on_sigterm(signum, frame):
-    raise Interrupted(f"signal {signal.Signals(signum).name}")
-
-
-def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+def build_parser(add_help: bool = True, defaults: bool = True) -> argparse.ArgumentParser:
+    """The training flags; with `defaults=False`, only the flags given appear in the result."""
     parser = argparse.ArgumentParser(
         prog="ppo_breakout.py",
-        description="PPO on an Atari game (default Breakout), reported to labml.",
+        description="PPO on an Atari game (default Breakout), reported to labml. "
+        "Subcommands: 'evaluate CHECKPOINT' and 'plot RUN_FOLDER' (each with --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         add_help=add_help,
     )
     for field in dataclasses.fields(Configs):
-        flag = "--" + field.name.rstrip("_").replace("_", "-")
+        default = field.default if defaults else argparse.SUPPRESS
         if field.type in (bool, "bool"):
             parser.add_argument(
-                flag,
+                flag_of(field.name),
                 dest=field.name,
                 action=argparse.BooleanOptionalAction,
-                default=field.default,
+                default=default,
                 help=HELP[field.name],
             )
         else:
             kind = {"int": int, "float": float, "str": str}.get(field.type, field.type)
             parser.add_argument(
-                flag,
+                flag_of(field.name),
                 dest=field.name,
                 type=kind,
-                default=field.default,
+                default=default,
                 metavar=field.name.rstrip("_").upper(),
                 help=HELP[field.name],
             )
+    parser.add_argument(
+        "--resume",
+        metavar="PATH",
+        default=None if defaults else argparse.SUPPRESS,
+        help="continue from a checkpoint file, or the newest checkpoint of a run folder; "
+        "flags given here override the checkpoint's configuration",
+    )
     return parser
 
 
-def parse_configs(argv: Optional[List[str]] = None) -> Configs:
-    """Configs from the command line; exits with status 2 naming the flag on bad input."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    configs = Configs(**vars(args))
-    errors = config_errors(configs)
-    for name, problem in errors[:-1]:
-        print(f"{parser.prog}: error: argument --{name.rstrip('_').replace('_', '-')}: {problem}", file=sys.stderr)
-    if errors:
-        name, problem = errors[-1]
-        parser.error(f"argument --{name.rstrip('_').replace('_', '-')}: {problem}")
-    return configs
+def fail(prog: str, message: str) -> int:
+    """One line on stderr naming the problem; the exit status for bad input."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+class StopRequested(Exception):
+    """A second Ctrl-C or SIGTERM: stop now, without waiting for the update to end."""
+
+
+def install_stop_handlers(trainer: Trainer):
+    """The first Ctrl-C or SIGTERM lets the update finish and ends the run with a checkpoint;
+    a second one stops at once (the previous checkpoint stays)."""
+
+    def handler(signum, frame):
+        if trainer.stop_requested:
+            raise StopRequested(signum)
+        trainer.stop_requested = signum
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this update with a checkpoint " "(again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def run_path() -> Path:
@@ -874,23 +1170,48 @@ def run_path() -> Path:
     return Path(experiment_singleton().run.run_path)
 
 
-def main(argv: Optional[List[str]] = None):
-    configs = parse_configs(argv)
-    experiment.create(name="ppo_breakout", writers={"screen", "sqlite"})
-    signal.signal(signal.SIGTERM, _on_sigterm)
+def train_main(argv: List[str]) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    configs = Configs(**{f.name: args[f.name] for f in dataclasses.fields(Configs)})
+    checkpoint, comment = None, None
+    if args["resume"]:
+        explicit = vars(build_parser(defaults=False).parse_args(argv))
+        try:
+            path, checkpoint = load_checkpoint(args["resume"], game=explicit.get("game"))
+        except CheckpointError as e:
+            return fail(parser.prog, f"argument --resume: {e}")
+        saved = {k: v for k, v in checkpoint["configs"].items() if k in Configs.__dataclass_fields__}
+        given = {k: v for k, v in explicit.items() if k in Configs.__dataclass_fields__}
+        configs = Configs(**{**saved, **given})
+        comment = f"continues run {path.parent.parent.name} from update {checkpoint['update']} ({path})"
+    errors = config_errors(configs)
+    for name, problem in errors[:-1]:
+        print(f"{parser.prog}: error: argument {flag_of(name)}: {problem}", file=sys.stderr)
+    if errors:
+        name, problem = errors[-1]
+        parser.error(f"argument {flag_of(name)}: {problem}")
+
+    experiment.create(name="ppo_breakout", comment=comment, writers={"screen", "sqlite"})
     trainer = None
     try:
-        trainer = Trainer(configs, run_path=run_path())
+        trainer = Trainer(configs, run_path=run_path(), checkpoint=checkpoint)
         hyperparams = {k: getattr(trainer, k) for k in DYNAMIC}
-        experiment.configs({**dataclasses.asdict(configs), **hyperparams})
+        experiment.configs({**dataclasses.asdict(configs), **hyperparams, "resumed_from": comment or ""})
+        if comment:
+            print(comment)
+        install_stop_handlers(trainer)
         with experiment.start():
             trainer.run_training_loop()
-    except KeyboardInterrupt:
-        print("\nInterrupted: workers stopped, metrics are in the run folder.", file=sys.stderr)
-        return 130
-    except Interrupted as e:
-        print(f"\nStopped by {e}: workers stopped, metrics are in the run folder.", file=sys.stderr)
-        return 143
+        if trainer.stop_requested:
+            print(
+                f"Stopped at update {trainer.update}; checkpoint and metrics are in {trainer.run_path}", file=sys.stderr
+            )
+            return 128 + trainer.stop_requested
+    except (KeyboardInterrupt, StopRequested) as e:
+        signum = e.args[0] if isinstance(e, StopRequested) else signal.SIGINT
+        print("\nStopped at once; the last checkpoint and the metrics are in the run folder.", file=sys.stderr)
+        return 128 + signum
     except WorkerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -898,6 +1219,76 @@ def main(argv: Optional[List[str]] = None):
         if trainer is not None:
             trainer.destroy()
     return 0
+
+
+def evaluate_main(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ppo_breakout.py evaluate",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Play whole games with a checkpoint's policy and print the score statistics.",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its newest checkpoint)")
+    parser.add_argument("--episodes", type=int, default=30, help="whole games to play")
+    parser.add_argument("--video", type=Path, default=None, help="write the first game to this MP4 file")
+    parser.add_argument("--greedy", action="store_true", help="take the most probable action instead of sampling")
+    parser.add_argument("--seed", type=int, default=10_000, help="seeds the games and the action sampling")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = parser.parse_args(argv)
+    if args.episodes <= 0:
+        return fail(parser.prog, f"argument --episodes: must be a positive integer, got {args.episodes}")
+    if args.video is not None and args.video.suffix.lower() != ".mp4":
+        return fail(parser.prog, f"argument --video: {args.video} must end in .mp4")
+    if args.video is not None and not args.video.resolve().parent.is_dir():
+        return fail(parser.prog, f"argument --video: folder {args.video.parent} does not exist")
+    device_problems = [p for name, p in config_errors(Configs(device=args.device)) if name == "device"]
+    if device_problems:
+        return fail(parser.prog, f"argument --device: {device_problems[0]}")
+    try:
+        result = evaluate(args.checkpoint, args.episodes, args.video, args.greedy, args.seed, args.device)
+    except CheckpointError as e:
+        return fail(parser.prog, str(e))
+    scores, lengths = np.array(result["scores"]), np.array(result["lengths"])
+    print(f"checkpoint: {result['checkpoint']}")
+    print(f"policy:     {'greedy' if args.greedy else 'sampled'}, seed {args.seed}")
+    print(
+        f"score:      mean {scores.mean():.2f}  std {scores.std():.2f}  min {scores.min():.1f}  "
+        f"max {scores.max():.1f}  over {len(scores)} games"
+    )
+    print(f"length:     mean {lengths.mean():.1f}  min {lengths.min()}  max {lengths.max()} agent steps")
+    if args.video is not None:
+        print(f"video:      {args.video} (game 1, {VIDEO_FPS} fps)")
+    return 0
+
+
+def plot_main(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ppo_breakout.py plot",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Draw the learning curve and training statistics of one or more runs.",
+    )
+    parser.add_argument("folders", nargs="+", type=Path, metavar="RUN_FOLDER", help="run folders to compare")
+    parser.add_argument(
+        "-o", "--output", type=Path, default=None, help="PNG file to write (default: curve.png in the first run folder)"
+    )
+    parser.add_argument("--baseline", type=float, default=None, help="draw a random policy's mean score")
+    args = parser.parse_args(argv)
+    output = args.output or args.folders[0] / "curve.png"
+    if not output.resolve().parent.is_dir():
+        return fail(parser.prog, f"argument --output: folder {output.parent} does not exist")
+    try:
+        plot_runs(args.folders, output, args.baseline)
+    except CheckpointError as e:
+        return fail(parser.prog, str(e))
+    print(f"wrote {output}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"evaluate": evaluate_main, "plot": plot_main}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    return train_main(argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,9 +38,42 @@ def no_leftover_children():
     assert not left, f"child processes left behind: {left}"
 
 
+def copy_script(folder: Path) -> Path:
+    for name in ("ppo_breakout.py", ".labml.yaml"):
+        (folder / name).write_bytes((ROOT / name).read_bytes())
+    return folder
+
+
 @pytest.fixture
 def script_dir(tmp_path):
     """A folder holding a copy of the script, so a CLI run writes its run folder there."""
-    for name in ("ppo_breakout.py", ".labml.yaml"):
-        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
-    return tmp_path
+    return copy_script(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory) -> Path:
+    """The run folder of a real 4-update training run with 2 workers, checkpointing every 2."""
+    folder = copy_script(tmp_path_factory.mktemp("short_run"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "ppo_breakout.py",
+            "--updates",
+            "4",
+            "--n-workers",
+            "2",
+            "--worker-steps",
+            "64",
+            "--epochs",
+            "1",
+            "--checkpoint-every",
+            "2",
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = folder.glob("logs/ppo_breakout/*")
+    return run

@@ -153,3 +153,7 @@ def test_ctrl_c_and_sigterm_end_the_run_cleanly(script_dir, sig, code):
     assert "Traceback" not in stderr
     time.sleep(0.5)
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    # the run ended with a checkpoint of its last update, and its metrics
+    (run,) = script_dir.glob("logs/ppo_breakout/*")
+    last_update = len((run / "metrics.jsonl").read_text().splitlines())
+    assert (run / "checkpoints" / f"update_{last_update:07d}.pt").exists()

@@ -1,0 +1,72 @@
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import matplotlib.image
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from ppo_breakout import PLOT_DPI, PLOT_SIZE
+
+
+def run(*args, cwd=ROOT, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "ppo_breakout.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_evaluate_prints_the_statistics_and_writes_a_video_of_the_game(short_run, tmp_path):
+    before = sorted(p.name for p in short_run.rglob("*"))
+    video = tmp_path / "game.mp4"
+    result = run("evaluate", str(short_run), "--episodes", "3", "--video", str(video), "--seed", "7")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for word in ("mean", "std", "min", "max", "length", "seed"):
+        assert word in out
+    games = [line for line in out.splitlines() if line.startswith("game ")]
+    assert len(games) == 3
+    frames = iio.imread(video)
+    assert frames.ndim == 4 and frames.shape[1:] == (210, 160, 3)
+    assert frames.shape[0] > 100  # every emulator frame of a whole game
+    assert frames.std() > 0
+    # evaluation never touches the run it came from
+    assert sorted(p.name for p in short_run.rglob("*")) == before
+
+
+def test_evaluate_is_repeatable_with_its_seed(short_run):
+    a = run("evaluate", str(short_run), "--episodes", "2", "--seed", "3").stdout.splitlines()[:2]
+    b = run("evaluate", str(short_run), "--episodes", "2", "--seed", "3").stdout.splitlines()[:2]
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    "args,problem",
+    [
+        (["evaluate", "missing/checkpoint.pt"], "checkpoint not found"),
+        (["evaluate", "{run}", "--video", "no/such/folder/game.mp4"], "does not exist"),
+        (["evaluate", "{run}", "--video", "game.avi"], "must end in .mp4"),
+        (["evaluate", "{run}", "--episodes", "0"], "--episodes"),
+        (["plot", "{empty}"], "no metrics in"),
+        (["plot", "{run}", "-o", "no/such/folder/curve.png"], "does not exist"),
+    ],
+)
+def test_bad_paths_exit_2_with_one_line(short_run, tmp_path, args, problem):
+    args = [a.format(run=short_run, empty=tmp_path) for a in args]
+    result = run(*args, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and problem in lines[0], lines
+
+
+def test_plot_writes_a_png_of_the_right_size(short_run, tmp_path):
+    output = tmp_path / "curve.png"
+    result = run("plot", str(short_run), str(short_run), "-o", str(output), "--baseline", "1.2", timeout=120)
+    assert result.returncode == 0, result.stderr
+    image = matplotlib.image.imread(output)
+    assert image.shape[:2] == (PLOT_SIZE[1] * PLOT_DPI, PLOT_SIZE[0] * PLOT_DPI)
+    assert np.unique(image.reshape(-1, image.shape[-1]), axis=0).shape[0] > 10  # something was drawn
+
+
+def test_a_run_draws_its_own_curve_as_it_trains(short_run):
+    assert (short_run / "curve.png").stat().st_size > 10_000
