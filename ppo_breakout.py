@@ -69,6 +69,14 @@ class Configs:
     clip_range: float = 0.1
     # ⚙️ Adam's step size, dashboard range 0..1e-3 as in labml's experiment
     learning_rate: float = 1e-3
+    # "constant" (labml), or "linear": learning_rate x (1 - update / updates), annealed to 0
+    # (the PPO paper's Atari setting and CleanRL's); the dashboard's value is the one scaled
+    lr_schedule: str = "constant"
+    # Adam's epsilon; CleanRL and the baselines use 1e-5 for PPO on Atari
+    adam_eps: float = 1e-8
+    # orthogonal weights (gain sqrt 2, policy head 0.01, value head 1) and zero biases, as in the
+    # openai/baselines and CleanRL PPO; off: PyTorch's default initialisation, as in labml
+    orthogonal_init: bool = False
     # discount factor of the return
     gamma: float = 0.99
     # GAE's lambda: 0.95 trades a little bias for much lower variance (GAE paper, section 6)
@@ -104,7 +112,10 @@ HELP = {
     "value_loss_coef": "weight of the value-function loss (dynamic)",
     "entropy_bonus_coef": "weight of the entropy bonus (dynamic)",
     "clip_range": "PPO clip range epsilon, in (0, 1) (dynamic)",
-    "learning_rate": "Adam learning rate (dynamic)",
+    "learning_rate": "Adam learning rate (dynamic; with --lr-schedule linear, the value the schedule scales)",
+    "lr_schedule": "constant, or linear: anneal the learning rate to 0 at the last update",
+    "adam_eps": "Adam's epsilon",
+    "orthogonal_init": "orthogonal initialisation of the model (baselines / CleanRL)",
     "gamma": "discount factor, in [0, 1]",
     "lambda_": "GAE lambda, in [0, 1]",
     "seed": "random seed",
@@ -158,6 +169,10 @@ def config_errors(c: Configs) -> List[Tuple[str, str]]:
         errors.append(
             ("game", f"ale-py ships no ROM named {c.game!r} " f"(for example: breakout, pong, space_invaders)")
         )
+    if c.lr_schedule not in ("constant", "linear"):
+        errors.append(("lr_schedule", f"must be constant or linear, got {c.lr_schedule!r}"))
+    if not c.adam_eps > 0:
+        errors.append(("adam_eps", f"must be positive, got {c.adam_eps}"))
     if c.precision not in ("auto", "fp32", "bf16"):
         errors.append(("precision", f"must be auto, fp32 or bf16, got {c.precision!r}"))
     try:
@@ -488,7 +503,7 @@ class Worker:
 
 
 class Model(nn.Module):
-    def __init__(self, n_actions: int = 4):
+    def __init__(self, n_actions: int = 4, orthogonal_init: bool = False):
         super().__init__()
         # 84x84 -> 20x20
         self.conv1 = nn.Conv2d(in_channels=FRAME_STACK, out_channels=32, kernel_size=8, stride=4)
@@ -501,6 +516,18 @@ class Model(nn.Module):
         self.pi_logits = nn.Linear(in_features=512, out_features=n_actions)
         self.value = nn.Linear(in_features=512, out_features=1)
         self.activation = nn.ReLU()
+        if orthogonal_init:
+            # a small policy head starts near-uniform over actions; sqrt(2) keeps ReLU activations' scale
+            for layer, gain in [
+                (self.conv1, 2**0.5),
+                (self.conv2, 2**0.5),
+                (self.conv3, 2**0.5),
+                (self.lin, 2**0.5),
+                (self.pi_logits, 0.01),
+                (self.value, 1.0),
+            ]:
+                nn.init.orthogonal_(layer.weight, gain)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, obs: torch.Tensor) -> Tuple[Categorical, torch.Tensor]:
         # obs: uint8 [batch, 4, 84, 84]; kept uint8 until here, scaled to [0, 1]
@@ -634,10 +661,10 @@ class Trainer:
         self.autocast_dtype = select_dtype(c.precision, self.device)
         torch.manual_seed(c.seed)
         n_actions = len(minimal_actions(c.game))
-        self.model = Model(n_actions).to(self.device)
+        self.model = Model(n_actions, c.orthogonal_init).to(self.device)
         if c.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = optim.Adam(self.model.parameters(), lr=c.learning_rate)
+        self.optimizer = optim.Adam(self.model.parameters(), lr=c.learning_rate, eps=c.adam_eps)
         self.gae = GAE(self.n_workers, self.worker_steps, c.gamma, c.lambda_)
         self.ppo_loss = ClippedPPOLoss()
         self.value_loss = ClippedValueFunctionLoss()
@@ -748,7 +775,7 @@ class Trainer:
                     stats.setdefault(k, []).append(v)
                 # read the learning rate now, so a change from the dashboard applies at once
                 for pg in self.optimizer.param_groups:
-                    pg["lr"] = self.learning_rate()
+                    pg["lr"] = self.current_learning_rate()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.configs.max_grad_norm)
@@ -758,6 +785,12 @@ class Trainer:
         keys = list(stats)
         means = torch.stack([torch.stack(stats[k]).mean() for k in keys]).cpu().tolist()
         return dict(zip(keys, means))
+
+    def current_learning_rate(self) -> float:
+        """The dynamic learning rate, scaled by the schedule: linear anneals it to 0 at `updates`."""
+        if self.configs.lr_schedule == "linear":
+            return self.learning_rate() * (1.0 - self.update / self.updates)
+        return self.learning_rate()
 
     @staticmethod
     def _normalize(adv: torch.Tensor) -> torch.Tensor:

@@ -99,3 +99,27 @@ def test_the_policy_update_raises_the_probability_of_an_action_with_positive_adv
 def test_bad_configuration_is_refused_before_any_worker_starts(no_leftover_children):
     with pytest.raises(ValueError, match="batches: 3 does not divide"):
         Trainer(n_workers=2, worker_steps=16, batches=3)
+
+
+def test_the_linear_schedule_anneals_the_dashboard_learning_rate_to_zero(no_leftover_children):
+    with Trainer(**{**SMALL, "updates": 4, "lr_schedule": "linear", "learning_rate": 2.5e-4}) as trainer:
+        trainer.run_training_loop()
+        assert trainer.update == 4
+        trainer.update = 1
+        assert trainer.current_learning_rate() == pytest.approx(2.5e-4 * 0.75)
+        trainer.learning_rate.set_value(1e-4)  # the dashboard's value is the one the schedule scales
+        assert trainer.current_learning_rate() == pytest.approx(1e-4 * 0.75)
+    with Trainer(**SMALL) as constant:
+        constant.update = 3
+        assert constant.current_learning_rate() == pytest.approx(1e-3)
+
+
+def test_orthogonal_initialisation_as_in_the_baselines():
+    from ppo_breakout import Model
+
+    model = Model(4, orthogonal_init=True)
+    w = model.lin.weight  # [512, 3136]: orthogonal rows with gain sqrt(2)
+    torch.testing.assert_close(w @ w.T, 2 * torch.eye(512), atol=1e-4, rtol=0)
+    assert model.pi_logits.weight.abs().max() < 0.02 and not model.lin.bias.any()
+    default = Model(4)
+    assert model.pi_logits.weight.abs().max() < default.pi_logits.weight.abs().max()
