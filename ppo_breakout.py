@@ -24,6 +24,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -129,14 +130,44 @@ HELP = {
     "keep_checkpoints": "how many of the newest checkpoints to keep",
 }
 
+
+class CheckedValue:
+    """A dynamic hyperparameter that keeps the dashboard's value inside its range.
+
+    labml applies a dashboard change in its web-API thread: a value out of range is clamped, and
+    one that is not a finite number is refused, so neither can crash or derail the run."""
+
+    def set_value(self, value):
+        low, high = self._range_
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not math.isfinite(number):
+            logger.log(f"{self._key}: refused {value!r} from the dashboard, keeping {self._value}")
+            return
+        clamped = min(max(number, low), high)
+        if clamped != number:
+            logger.log(f"{self._key}: {number} is outside {low}..{high}, using {clamped}")
+        super().set_value(clamped)
+
+
+class CheckedIntDynamicHyperParam(CheckedValue, IntDynamicHyperParam):
+    pass
+
+
+class CheckedFloatDynamicHyperParam(CheckedValue, FloatDynamicHyperParam):
+    pass
+
+
 # The dynamic hyperparameters: labml class and the range the dashboard offers. A value given on
 # the command line outside the range widens it, so a user's choice is never silently changed.
 DYNAMIC = {
-    "epochs": (IntDynamicHyperParam, (1, 32)),
-    "value_loss_coef": (FloatDynamicHyperParam, (0.0, 1.0)),
-    "entropy_bonus_coef": (FloatDynamicHyperParam, (0.0, 0.1)),
-    "clip_range": (FloatDynamicHyperParam, (0.01, 0.5)),
-    "learning_rate": (FloatDynamicHyperParam, (0.0, 1e-3)),
+    "epochs": (CheckedIntDynamicHyperParam, (1, 32)),
+    "value_loss_coef": (CheckedFloatDynamicHyperParam, (0.0, 1.0)),
+    "entropy_bonus_coef": (CheckedFloatDynamicHyperParam, (0.0, 0.1)),
+    "clip_range": (CheckedFloatDynamicHyperParam, (0.01, 0.5)),
+    "learning_rate": (CheckedFloatDynamicHyperParam, (0.0, 1e-3)),
 }
 
 
@@ -765,7 +796,8 @@ class Trainer:
         """Train the model on `samples`; returns the mean of each tracked statistic."""
         self.model.train()
         stats: Dict[str, List[torch.Tensor]] = {}
-        for _ in range(self.epochs()):
+        epochs = self.epochs()  # read once per update: a change applies from the next update
+        for _ in range(epochs):
             indexes = torch.randperm(self.batch_size, device=self.device)
             for start in range(0, self.batch_size, self.mini_batch_size):
                 mini_batch_indexes = indexes[start : start + self.mini_batch_size]
@@ -783,8 +815,8 @@ class Trainer:
                 self.optimizer_steps += 1
         # one device-to-host copy per update instead of one per minibatch
         keys = list(stats)
-        means = torch.stack([torch.stack(stats[k]).mean() for k in keys]).cpu().tolist()
-        return dict(zip(keys, means))
+        means = torch.stack([torch.stack(stats[k]).double().mean() for k in keys]).cpu().tolist()
+        return {**dict(zip(keys, means)), "epochs": epochs}
 
     def current_learning_rate(self) -> float:
         """The dynamic learning rate, scaled by the schedule: linear anneals it to 0 at `updates`."""
@@ -799,6 +831,7 @@ class Trainer:
     def _calc_loss(self, samples: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The total loss of a minibatch, and the statistics to track."""
         clip_range = self.clip_range()
+        value_loss_coef, entropy_bonus_coef = self.value_loss_coef(), self.entropy_bonus_coef()
         # R_t, the returns sampled from pi_OLD
         sampled_return = samples["values"] + samples["advantages"]
         # normalised advantages: a little bias for much lower variance
@@ -810,7 +843,7 @@ class Trainer:
         entropy_bonus = pi.entropy().mean()
         value_loss = self.value_loss(value, samples["values"], sampled_return, clip_range)
         # L^{CLIP+VF+EB} = L^{CLIP} + c_1 L^{VF} - c_2 L^{EB}
-        loss = policy_loss + self.value_loss_coef() * value_loss - self.entropy_bonus_coef() * entropy_bonus
+        loss = policy_loss + value_loss_coef * value_loss - entropy_bonus_coef * entropy_bonus
         # an estimate of KL(pi_OLD || pi) for monitoring (Schulman's "approximating KL" note)
         approx_kl_divergence = 0.5 * ((samples["log_pis"] - log_pi) ** 2).mean()
         stats = {
@@ -820,7 +853,16 @@ class Trainer:
             "kl_div": approx_kl_divergence,
             "clip_fraction": self.ppo_loss.clip_fraction,
         }
-        return loss, {k: v.detach() for k, v in stats.items()}
+        # the dynamic values this minibatch used, so a dashboard change shows in the metrics
+        in_use = {
+            "clip_range": clip_range,
+            "value_loss_coef": value_loss_coef,
+            "entropy_bonus_coef": entropy_bonus_coef,
+        }
+        return loss, {
+            **{k: v.detach() for k, v in stats.items()},
+            **{k: torch.tensor(float(v), dtype=torch.float64, device=loss.device) for k, v in in_use.items()},
+        }
 
     def run_training_loop(self):
         for update in monit.loop(range(self.update, self.updates)):
@@ -1123,6 +1165,7 @@ def plot_runs(folders: List[Path], output: Path, baseline: Optional[float] = Non
 #     python ppo_breakout.py --resume RUN_OR_FILE    go on from a checkpoint
 #     python ppo_breakout.py evaluate CHECKPOINT [--episodes 30] [--video game.mp4] [--greedy]
 #     python ppo_breakout.py plot RUN_FOLDER [RUN_FOLDER ...] [-o curve.png]
+#     python ppo_breakout.py dashboard [--port 5005]   the labml dashboard, offline (dashboard.py)
 
 
 def flag_of(name: str) -> str:
@@ -1158,6 +1201,13 @@ def build_parser(add_help: bool = True, defaults: bool = True) -> argparse.Argum
                 metavar=field.name.rstrip("_").upper(),
                 help=HELP[field.name],
             )
+    parser.add_argument(
+        "--dashboard",
+        metavar="URL",
+        default="auto" if defaults else argparse.SUPPRESS,
+        help="labml dashboard to report to and take changes from: a URL, 'off', or 'auto' (the labml "
+        f"config's web_api, else {DASHBOARD_URL} when something answers there)",
+    )
     parser.add_argument(
         "--resume",
         metavar="PATH",
@@ -1196,6 +1246,72 @@ def install_stop_handlers(trainer: Trainer):
     signal.signal(signal.SIGTERM, handler)
 
 
+DASHBOARD_URL = "http://127.0.0.1:5005"  # where `python ppo_breakout.py dashboard` listens
+
+
+def dashboard_answers(url: str, timeout: float = 1.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/auth/is_logged", timeout=timeout) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def choose_dashboard(flag: str) -> Tuple[Optional[str], Optional[str]]:
+    """(dashboard URL or None, one line to print or None) for the --dashboard flag."""
+    if flag == "off":
+        return None, None
+    if flag == "auto":
+        from labml.internal.lab import lab_singleton
+
+        configured = lab_singleton().web_api  # .labml.yaml's web_api, or the labml_server variable
+        url = configured.url.split("/api/v1/")[0] if configured is not None else DASHBOARD_URL
+    else:
+        url = flag.rstrip("/")
+    if dashboard_answers(url):
+        return url, None
+    return None, f"no labml dashboard answers at {url}: metrics go to the run folder only"
+
+
+def connect_dashboard(url: str):
+    """Point labml's web-API writer at the dashboard: it sends the metrics and brings back the
+    hyperparameter changes made there (in the answer to each send, about 3 s later)."""
+    from labml import lab
+
+    lab.configure(
+        {
+            "web_api": f"{url}/api/v1/track?",
+            "web_api_frequency": 0,  # send at every tracker.save
+            "web_api_verify_connection": False,
+            "web_api_open_browser": False,
+        }
+    )
+
+
+def claim_run(url: str, run_uuid: str, timeout: float = 60.0):
+    """Claim the run on the dashboard (its page ignores hyperparameter changes until then). The run
+    appears there with labml's first send, so retry until it does; runs in a daemon thread."""
+    import threading
+    import urllib.request
+
+    def claim():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            request = urllib.request.Request(f"{url}/api/v1/run/{run_uuid}/claim", method="PUT")
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(1.0)
+        logger.log(f"could not claim run {run_uuid} on {url}: claim it on its page to change hyperparameters")
+
+    threading.Thread(target=claim, name="claim-run", daemon=True).start()
+
+
 def run_path() -> Path:
     """The folder labml made for the current run."""
     from labml.internal.experiment import experiment_singleton
@@ -1225,7 +1341,13 @@ def train_main(argv: List[str]) -> int:
         name, problem = errors[-1]
         parser.error(f"argument {flag_of(name)}: {problem}")
 
-    experiment.create(name="ppo_breakout", comment=comment, writers={"screen", "sqlite"})
+    dashboard, notice = choose_dashboard(args["dashboard"])
+    if notice:
+        print(notice)
+    if dashboard:
+        connect_dashboard(dashboard)
+    writers = {"screen", "sqlite"} | ({"web_api"} if dashboard else set())
+    experiment.create(name="ppo_breakout", comment=comment, writers=writers)
     trainer = None
     try:
         trainer = Trainer(configs, run_path=run_path(), checkpoint=checkpoint)
@@ -1235,6 +1357,10 @@ def train_main(argv: List[str]) -> int:
             print(comment)
         install_stop_handlers(trainer)
         with experiment.start():
+            if dashboard:
+                uuid = experiment.get_uuid()
+                print(f"dashboard: {dashboard}/run/{uuid}\nhyperparameters: {dashboard}/run/{uuid}/hyper_params")
+                claim_run(dashboard, uuid)
             trainer.run_training_loop()
         if trainer.stop_requested:
             print(
@@ -1316,9 +1442,17 @@ def plot_main(argv: List[str]) -> int:
     return 0
 
 
+def dashboard_main(argv: List[str]) -> int:
+    """The self-hosted labml dashboard lives in dashboard.py beside this file."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import dashboard
+
+    return dashboard.main(argv)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"evaluate": evaluate_main, "plot": plot_main}
+    commands = {"evaluate": evaluate_main, "plot": plot_main, "dashboard": dashboard_main}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return train_main(argv)

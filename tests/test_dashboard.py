@@ -1,0 +1,285 @@
+"""The labml dashboard, for real: labml-app 0.0.102 served by `ppo_breakout.py dashboard`, a real
+training run reporting to it, HTTP changes and a headless Chromium using the page's own controls."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, copy_script
+
+ARTIFACTS = ROOT / "test-artifacts"
+TRAIN = ["--n-workers", "2", "--worker-steps", "16", "--batches", "1", "--epochs", "1", "--updates", "100000"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def post_json(url: str, data: dict):
+    request = urllib.request.Request(
+        url, data=json.dumps(data).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def answers(url: str) -> bool:
+    try:
+        return get_json(f"{url}/api/v1/auth/is_logged")["is_user_logged"]
+    except OSError:
+        return False
+
+
+def start_dashboard(home: Path, port: int) -> subprocess.Popen:
+    # output to a file: the server logs every request, and a full pipe would stall it
+    log = home / f"dashboard-{time.monotonic_ns()}.log"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "ppo_breakout.py"), "dashboard", "--port", str(port)],
+        cwd=home,
+        env={**os.environ, "HOME": str(home)},
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
+    wait_for(lambda: answers(f"http://127.0.0.1:{port}") or process.poll() is not None, 60, "the dashboard")
+    assert process.poll() is None, log.read_text()[-3000:]
+    return process
+
+
+def stop(process: subprocess.Popen):
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    port = free_port()
+    process = start_dashboard(home, port)
+    yield {"url": f"http://127.0.0.1:{port}", "home": home, "port": port, "process": process}
+    stop(process)
+
+
+class Training:
+    """A training subprocess reporting to the dashboard; `metrics()` reads its metrics.jsonl."""
+
+    def __init__(self, folder: Path, home: Path, url: str):
+        copy_script(folder)
+        self.folder = folder
+        self.log = folder / "train.log"  # a file, not a pipe nobody reads, which would stall the trainer
+        self.process = subprocess.Popen(
+            [sys.executable, "ppo_breakout.py", "--dashboard", url, *TRAIN],
+            cwd=folder,
+            env={**os.environ, "HOME": str(home)},
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
+        )
+        self.run = wait_for(lambda: self._run_folder(), 120, "the run's first update")
+        self.uuid = self.run.name
+
+    def _run_folder(self):
+        assert self.process.poll() is None, self.log.read_text()[-3000:]
+        found = [p.parent for p in self.folder.glob("logs/ppo_breakout/*/metrics.jsonl")]
+        return found[0] if found else None
+
+    def metrics(self):
+        return [json.loads(line) for line in (self.run / "metrics.jsonl").read_text().splitlines()]
+
+    def wait_for_update_using(self, timeout: float = 90, **values):
+        def used():
+            assert self.process.poll() is None, "the run stopped"
+            for record in self.metrics():
+                if all(record[k] == pytest.approx(v) for k, v in values.items()):
+                    return record
+            return None
+
+        return wait_for(used, timeout, f"an update using {values}")
+
+    def stop(self) -> str:
+        stop(self.process)
+        return self.log.read_text()
+
+
+@pytest.fixture
+def training(dashboard, tmp_path):
+    run = Training(tmp_path, dashboard["home"], dashboard["url"])
+    # the trainer claims its run, so the page can change it at once
+    wait_for(lambda: get_json(f"{dashboard['url']}/api/v1/run/{run.uuid}").get("is_claimed"), 60, "the claim")
+    # the dashboard takes changes once it has seen the hyperparameters (labml's first sends)
+    hyper_params = f"{dashboard['url']}/api/v1/hyper_params/{run.uuid}"
+    wait_for(lambda: len(get_json(hyper_params)["series"]) == 5, 60, "the hyperparameters on the dashboard")
+    yield run
+    run.stop()
+
+
+def test_changes_through_the_http_endpoint_are_used_by_a_later_update(dashboard, training):
+    url = f"{dashboard['url']}/api/v1/hyper_params/{training.uuid}"
+    assert post_json(url, {"clip_range": 0.2, "epochs": 2}) == {"errors": []}
+    changed_at = time.time()
+    record = training.wait_for_update_using(clip_range=0.2, epochs=2)
+    print(f"change to use: {record['time'] - changed_at:.1f} s")
+    # the value in use is visible in the dashboard's own series too
+    series = {s["name"]: s for s in get_json(url)["series"]}
+    assert series["clip_range"]["range"] == [0.01, 0.5]
+
+    # out of range: clamped to the range, and the run goes on
+    post_json(url, {"clip_range": 5.0, "epochs": 1000})
+    training.wait_for_update_using(clip_range=0.5, epochs=32)
+    output = training.stop()
+    assert "clip_range: 5.0 is outside 0.01..0.5, using 0.5" in output
+    assert "Traceback" not in output
+
+
+def test_a_real_browser_changes_a_value_with_the_page_controls_and_the_trainer_uses_it(dashboard, training):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for argument in [
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1200,1000",
+        # every address but 127.0.0.1 goes to a proxy that is not there, so it fails
+        "--proxy-server=127.0.0.1:9",
+        "--proxy-bypass-list=127.0.0.1",
+    ]:
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(f"{dashboard['url']}/run/{training.uuid}/hyper_params")
+        item = wait_for(
+            lambda: [
+                i
+                for i in driver.find_elements(By.CSS_SELECTOR, ".sparkline-list-item")
+                if i.find_element(By.CSS_SELECTOR, ".title").text == "clip_range"
+            ],
+            60,
+            "the clip_range control",
+        )[0]
+        text_box = item.find_element(By.CSS_SELECTOR, "input:not([type=range])")
+        assert text_box.get_attribute("value") == "0.100"
+        text_box.clear()
+        text_box.send_keys("0.3", Keys.TAB)
+        (save,) = [n for n in driver.find_elements(By.CSS_SELECTOR, "nav") if n.text.strip() == "save"]
+        save.click()
+        saved_at = time.time()
+        record = training.wait_for_update_using(clip_range=0.3)
+        print(f"page save to use: {record['time'] - saved_at:.1f} s")
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "hyper_params.png"))
+        failed = []
+        for entry in driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.loadingFailed":
+                failed.append(message["params"])
+            elif message["method"] == "Network.responseReceived" and message["params"]["response"]["status"] >= 400:
+                failed.append(message["params"]["response"]["url"])
+        assert not failed, failed
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()
+
+
+def test_a_restarted_dashboard_keeps_the_run(dashboard, training):
+    stop(dashboard["process"])
+    dashboard["process"] = start_dashboard(dashboard["home"], dashboard["port"])
+    run = get_json(f"{dashboard['url']}/api/v1/run/{training.uuid}")
+    assert run["run_uuid"] == training.uuid and run["name"] == "ppo_breakout"
+
+
+def test_the_page_refers_to_no_other_machine(dashboard):
+    with urllib.request.urlopen(f"{dashboard['url']}/run/x/hyper_params", timeout=10) as response:
+        page = response.read().decode()
+    assert "http" not in page.split("<body")[0].replace('content="', "")
+    for asset in (
+        "/vendor/d3/d3.min.js",
+        "/vendor/bootstrap/bootstrap.min.css",
+        "/vendor/fontawesome/css/all.min.css",
+        "/vendor/fontawesome/webfonts/fa-solid-900.woff2",
+    ):
+        with urllib.request.urlopen(dashboard["url"] + asset, timeout=10) as response:
+            assert response.status == 200 and len(response.read()) > 1000, asset
+
+
+def test_without_a_dashboard_training_says_so_in_one_line_and_goes_on(script_dir):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "ppo_breakout.py",
+            "--dashboard",
+            url,
+            "--updates",
+            "2",
+            "--n-workers",
+            "2",
+            "--worker-steps",
+            "16",
+            "--epochs",
+            "1",
+        ],
+        cwd=script_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+    assert output.count("dashboard") == output.count(str(script_dir.name)) + 1  # the one notice
+    assert f"no labml dashboard answers at {url}: metrics go to the run folder only\n" in output
+    assert "Retrying" not in output and "Failed to connect" not in output
+    (metrics,) = script_dir.glob("logs/ppo_breakout/*/metrics.jsonl")
+    assert len(metrics.read_text().splitlines()) == 2
+
+
+def test_the_dashboard_refuses_a_port_in_use(dashboard):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "ppo_breakout.py"), "dashboard", "--port", str(dashboard["port"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"ppo_breakout.py dashboard: error: argument --port: 127.0.0.1:{dashboard['port']} is already in use"
+    ]
