@@ -4,6 +4,8 @@ Speed of ppo_breakout on this machine, measured with the real Worker and Trainer
     python bench.py                      # the default configuration (8 workers x 128 steps, epochs 8)
     python bench.py --epochs 4           # the speed target's other configuration
     python bench.py --precision fp32 --no-channels-last   # the plain path, for comparison
+    python bench.py --random-policy --episodes 30          # a random policy's whole-game score
+    python bench.py --learn --steps 1000000 [training flags]  # a learning run, summarised
 
 Prints, for one configuration: env-only steps/s through our Workers and through ale-py's C++
 AtariVectorEnv with the same games and preprocessing (side by side, with the ratio); rollout
@@ -16,9 +18,11 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -118,6 +122,55 @@ def bench_vector_env(c: "ppo.Configs", steps: int) -> float:
         env.close()
 
 
+def random_policy(c: "ppo.Configs", episodes: int):
+    """The mean whole-game score of uniformly random actions, with the training protocol."""
+    rng = np.random.default_rng(c.seed)
+    scores, lengths = [], []
+    for i in range(episodes):
+        game = ppo.Game(int(rng.integers(2**31)), c.game, clip_rewards=False)
+        game.reset()
+        info = None
+        while info is None:
+            _, _, _, info = game.step(int(rng.integers(len(game.actions))))
+        scores.append(info["reward"])
+        lengths.append(info["length"])
+    print(
+        f"random policy: game {c.game}, {episodes} games, score mean {np.mean(scores):.2f} sd {np.std(scores):.2f} "
+        f"min {min(scores):.0f} max {max(scores):.0f}, length mean {np.mean(lengths):.0f}"
+    )
+
+
+def learn(argv, steps: int):
+    """Train with ppo_breakout.py's own entry point for `steps` env steps and summarise its run
+    from metrics.jsonl, in one line whose format stays the same so runs can be compared."""
+    import subprocess
+    import sys
+
+    c = ppo.parse_configs(argv)
+    updates = -(-steps // (c.n_workers * c.worker_steps))
+    folder = Path(__file__).resolve().parent
+    before = set(folder.glob("logs/ppo_breakout/*"))
+    start = time.time()
+    code = subprocess.call([sys.executable, str(folder / "ppo_breakout.py"), *argv, "--updates", str(updates)])
+    (run,) = set(folder.glob("logs/ppo_breakout/*")) - before
+    summarise(run, time.time() - start, code)
+
+
+def summarise(run: Path, wall: Optional[float] = None, code: int = 0):
+    """One line for a run folder; without `wall`, the wall time is read from its metrics."""
+    records = ppo.read_metrics(run)
+    scores = [g[0] for r in records for g in r["games"]][-100:]
+    last = records[-1]
+    if wall is None:  # from the end of the first update to the last, plus the first update itself
+        first = records[0]
+        wall = last["time"] - first["time"] + first["env_steps"] / first["steps_per_second"]
+    print(
+        f"learn: run {run.name}, exit {code}, steps {last['env_steps']}, updates {last['update']}, "
+        f"wall {wall:.0f} s, steps/s {last['env_steps'] / wall:.0f}, "
+        f"score mean {np.mean(scores):.2f} sd {np.std(scores):.2f} over the last {len(scores)} games"
+    )
+
+
 def main():
     # every ppo_breakout.py flag (--epochs, --n-workers, --precision, ...) with the same default
     parser = argparse.ArgumentParser(
@@ -128,12 +181,30 @@ def main():
     parser.add_argument("--env-steps", type=int, default=400, help="vector steps for the env-only figures")
     parser.add_argument("--warmup", type=int, default=1, help="updates before the whole-loop timing")
     parser.add_argument("--measure", type=int, default=5, help="updates timed for the whole-loop figure")
+    parser.add_argument("--random-policy", action="store_true", help="only measure a random policy's score")
+    parser.add_argument("--episodes", type=int, default=30, help="games for --random-policy")
+    parser.add_argument("--learn", action="store_true", help="only run a learning run of --steps env steps")
+    parser.add_argument("--steps", type=int, default=1_000_000, help="env steps for --learn")
+    parser.add_argument("--summarise", type=Path, metavar="RUN_FOLDER", help="only print --learn's line for a run")
+    args, _ = parser.parse_known_args()
+    if args.summarise:
+        return summarise(args.summarise)
+    if args.learn:
+        argv = sys.argv[1:]
+        for flag in ("--learn",):
+            argv.remove(flag)
+        if "--steps" in argv:
+            i = argv.index("--steps")
+            del argv[i : i + 2]
+        return learn(argv, args.steps)
     args = parser.parse_args()
     c = ppo.Configs(**{k: v for k, v in vars(args).items() if k in ppo.Configs.__dataclass_fields__})
     errors = ppo.config_errors(c)
     if errors:
         name, problem = errors[-1]
         parser.error(f"argument --{name.rstrip('_').replace('_', '-')}: {problem}")
+    if args.random_policy:
+        return random_policy(c, args.episodes)
 
     with ppo.Trainer(c) as trainer:
         dtype = trainer.autocast_dtype

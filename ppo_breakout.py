@@ -15,9 +15,14 @@ packages (gymnasium-era ale-py with its own ROMs, labml 0.4.168's dynamic hyperp
     python ppo_breakout.py                          # the default experiment: 10,000 updates
     python ppo_breakout.py --updates 3 --n-workers 2  # a quick smoke run
     python ppo_breakout.py --help                   # every setting with its default
+    python ppo_breakout.py --resume logs/ppo_breakout/<run>        # go on from its newest checkpoint
+    python ppo_breakout.py evaluate logs/ppo_breakout/<run> --video game.mp4
+    python ppo_breakout.py plot logs/ppo_breakout/<run> -o curve.png
+    python ppo_breakout.py dashboard                # the labml dashboard, offline (dashboard.py)
 
 The file reads top to bottom in the order the data flows:
-configuration -> Game -> worker processes -> Model -> GAE -> losses -> Trainer -> entry point.
+configuration -> Game -> worker processes -> Model -> GAE -> losses -> Trainer -> checkpoint files
+-> evaluation and plots -> entry point.
 """
 
 import argparse
@@ -713,7 +718,9 @@ class Trainer:
         # the rollout buffers, allocated once and reused by every update
         n, t = self.n_workers, self.worker_steps
         self.obs = np.zeros((n, *OBS_SHAPE), dtype=np.uint8)  # the latest observation of each worker
-        self.rollout_obs = torch.zeros((n, t, *OBS_SHAPE), dtype=torch.uint8)
+        # pinned on a CUDA machine, so the batch's copy to the GPU is one fast DMA
+        pin = self.device.type == "cuda"
+        self.rollout_obs = torch.zeros((n, t, *OBS_SHAPE), dtype=torch.uint8, pin_memory=pin)
         self.rewards = np.zeros((n, t), dtype=np.float32)
         self.done = np.zeros((n, t), dtype=bool)
         self.actions = torch.zeros((n, t), dtype=torch.long)
@@ -790,7 +797,9 @@ class Trainer:
             "advantages": torch.from_numpy(advantages),
         }
         # [n_workers, worker_steps, ...] -> [batch_size, ...] for training
-        return {k: v.reshape(self.batch_size, *v.shape[2:]).to(self.device) for k, v in samples.items()}
+        return {
+            k: v.reshape(self.batch_size, *v.shape[2:]).to(self.device, non_blocking=True) for k, v in samples.items()
+        }
 
     def train(self, samples: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """Train the model on `samples`; returns the mean of each tracked statistic."""
