@@ -1,0 +1,52 @@
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_prints_every_figure_for_one_configuration():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "bench.py",
+            "--n-workers",
+            "2",
+            "--worker-steps",
+            "16",
+            "--epochs",
+            "1",
+            "--env-steps",
+            "20",
+            "--warmup",
+            "0",
+            "--measure",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for label in ("machine:", "software:", "config:", "rollout:", "update:", "loop:", "memory:"):
+        assert label in out, label
+    workers, vector, ratio = re.search(
+        r"Workers\s+(\d+) steps/s \| AtariVectorEnv\s+(\d+) steps/s \| ratio ([\d.]+)", out
+    ).groups()
+    assert int(workers) > 0 and int(vector) > 0
+    assert abs(float(ratio) - int(workers) / int(vector)) < 0.01
+    assert "2 workers x 16 steps" in out
+
+
+def test_random_policy_baseline_is_printed():
+    result = subprocess.run(
+        [sys.executable, "bench.py", "--random-policy", "--episodes", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"random policy: game breakout, 2 games, score mean [\d.]+", result.stdout)
