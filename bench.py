@@ -146,13 +146,14 @@ def learn(argv, steps: int):
     import subprocess
     import sys
 
-    c = ppo.parse_configs(argv)
+    c = ppo.configs_from(vars(ppo.build_parser().parse_args(argv)))
     updates = -(-steps // (c.n_workers * c.worker_steps))
     folder = Path(__file__).resolve().parent
     before = set(folder.glob("logs/ppo_breakout/*"))
     start = time.time()
     code = subprocess.call([sys.executable, str(folder / "ppo_breakout.py"), *argv, "--updates", str(updates)])
     (run,) = set(folder.glob("logs/ppo_breakout/*")) - before
+    print()  # labml's progress line ends without one
     summarise(run, time.time() - start, code)
 
 
@@ -167,7 +168,11 @@ def summarise(run: Path, wall: Optional[float] = None, code: int = 0):
     print(
         f"learn: run {run.name}, exit {code}, steps {last['env_steps']}, updates {last['update']}, "
         f"wall {wall:.0f} s, steps/s {last['env_steps'] / wall:.0f}, "
-        f"score mean {np.mean(scores):.2f} sd {np.std(scores):.2f} over the last {len(scores)} games"
+        + (
+            f"score mean {np.mean(scores):.2f} sd {np.std(scores):.2f} over the last {len(scores)} games"
+            if scores
+            else "no game finished yet"
+        )
     )
 
 
@@ -198,7 +203,7 @@ def main():
             del argv[i : i + 2]
         return learn(argv, args.steps)
     args = parser.parse_args()
-    c = ppo.Configs(**{k: v for k, v in vars(args).items() if k in ppo.Configs.__dataclass_fields__})
+    c = ppo.configs_from(vars(args))
     errors = ppo.config_errors(c)
     if errors:
         name, problem = errors[-1]

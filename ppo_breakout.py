@@ -1227,6 +1227,11 @@ def build_parser(add_help: bool = True, defaults: bool = True) -> argparse.Argum
     return parser
 
 
+def configs_from(values: dict) -> Configs:
+    """The Configs fields among `values` (parsed flags, a checkpoint's configuration), defaults elsewhere."""
+    return Configs(**{k: v for k, v in values.items() if k in Configs.__dataclass_fields__})
+
+
 def fail(prog: str, message: str) -> int:
     """One line on stderr naming the problem; the exit status for bad input."""
     print(f"{prog}: error: {message}", file=sys.stderr)
@@ -1331,7 +1336,7 @@ def run_path() -> Path:
 def train_main(argv: List[str]) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    configs = Configs(**{f.name: args[f.name] for f in dataclasses.fields(Configs)})
+    configs = configs_from(args)
     checkpoint, comment = None, None
     if args["resume"]:
         explicit = vars(build_parser(defaults=False).parse_args(argv))
@@ -1339,9 +1344,7 @@ def train_main(argv: List[str]) -> int:
             path, checkpoint = load_checkpoint(args["resume"], game=explicit.get("game"))
         except CheckpointError as e:
             return fail(parser.prog, f"argument --resume: {e}")
-        saved = {k: v for k, v in checkpoint["configs"].items() if k in Configs.__dataclass_fields__}
-        given = {k: v for k, v in explicit.items() if k in Configs.__dataclass_fields__}
-        configs = Configs(**{**saved, **given})
+        configs = configs_from({**checkpoint["configs"], **explicit})
         comment = f"continues run {path.parent.parent.name} from update {checkpoint['update']} ({path})"
     errors = config_errors(configs)
     for name, problem in errors[:-1]:

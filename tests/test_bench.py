@@ -50,3 +50,34 @@ def test_random_policy_baseline_is_printed():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"random policy: game breakout, 2 games, score mean [\d.]+", result.stdout)
+
+
+def test_learn_runs_the_real_entry_point_and_prints_one_stable_line(tmp_path):
+    for name in ("bench.py", "ppo_breakout.py", ".labml.yaml"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "bench.py",
+            "--learn",
+            "--steps",
+            "600",
+            "--n-workers",
+            "2",
+            "--worker-steps",
+            "100",
+            "--epochs",
+            "1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"learn: run \w+, exit 0, steps 600, updates 3, wall \d+ s, steps/s \d+, "
+        r"(score mean [\d.]+ sd [\d.]+ over the last \d+ games|no game finished yet)",
+        line,
+    ), line
