@@ -84,9 +84,9 @@ def stop(process: subprocess.Popen):
 def dashboard(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     port = free_port()
-    process = start_dashboard(home, port)
-    yield {"url": f"http://127.0.0.1:{port}", "home": home, "port": port, "process": process}
-    stop(process)
+    server = {"url": f"http://127.0.0.1:{port}", "home": home, "port": port, "process": start_dashboard(home, port)}
+    yield server
+    stop(server["process"])  # the one running now: the restart test replaces it
 
 
 class Training:
