@@ -211,16 +211,23 @@ def config_errors(c: Configs) -> List[Tuple[str, str]]:
         errors.append(("adam_eps", f"must be positive, got {c.adam_eps}"))
     if c.precision not in ("auto", "fp32", "bf16"):
         errors.append(("precision", f"must be auto, fp32 or bf16, got {c.precision!r}"))
-    try:
-        device = torch.device("cpu" if c.device == "auto" else c.device)
-    except RuntimeError:
-        errors.append(("device", f"not a device: {c.device!r} (use auto, cpu, cuda or cuda:N)"))
-    else:
-        if device.type == "cuda" and not torch.cuda.is_available():
-            errors.append(("device", f"{c.device} was asked for but CUDA is not available"))
-        elif device.type not in ("cpu", "cuda"):
-            errors.append(("device", f"unsupported device {c.device!r} (use auto, cpu, cuda or cuda:N)"))
+    problem = device_problem(c.device)
+    if problem:
+        errors.append(("device", problem))
     return errors
+
+
+def device_problem(name: str) -> Optional[str]:
+    """What is wrong with the device `name`, or None when it can be used."""
+    try:
+        device = torch.device("cpu" if name == "auto" else name)
+    except RuntimeError:
+        return f"not a device: {name!r} (use auto, cpu, cuda or cuda:N)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"{name} was asked for but CUDA is not available"
+    if device.type not in ("cpu", "cuda"):
+        return f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)"
+    return None
 
 
 def select_device(name: str) -> torch.device:
@@ -470,6 +477,7 @@ class Worker:
         )
         self.process.start()
         parent.close()
+        self.closing = False
 
     def send(self, cmd: str, data=None):
         try:
@@ -516,13 +524,18 @@ class Worker:
         self.receive()
         return self.obs.copy()
 
-    def close(self, timeout: float = 5.0):
-        """Ask the worker to stop and join it; terminate it if it does not stop in time."""
-        if self.process.is_alive():
+    def request_close(self):
+        """Ask the worker to stop, without waiting: the trainer asks all of them, then joins each."""
+        if not self.closing and self.process.is_alive():
+            self.closing = True
             try:
                 self.child.send(("close", None))
             except OSError:
                 pass
+
+    def close(self, timeout: float = 5.0):
+        """Ask the worker to stop and join it; terminate it if it does not stop in time."""
+        self.request_close()
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.terminate()
@@ -890,13 +903,12 @@ class Trainer:
             self._write_metrics(stats)
             if self.update % 1_000 == 0:
                 logger.log()
-            if self.update % self.configs.checkpoint_every == 0:
+            # every checkpoint_every updates, and at the end however the run ends
+            if self.update % self.configs.checkpoint_every == 0 or self.update == self.updates or self.stop_requested:
                 self.save_checkpoint()
                 self.refresh_plot()
             if self.stop_requested:
                 break
-        self.save_checkpoint()
-        self.refresh_plot()
 
     # ### Checkpoints
     #
@@ -982,11 +994,7 @@ class Trainer:
     def destroy(self):
         """Stop and join every worker process."""
         for worker in self.workers:
-            if worker.process.is_alive():
-                try:
-                    worker.child.send(("close", None))
-                except OSError:
-                    pass
+            worker.request_close()
         for worker in self.workers:
             worker.close()
         self.workers = []
@@ -997,8 +1005,12 @@ class Trainer:
 CHECKPOINT_FORMAT = 1  # bumped when the checkpoint's contents change
 
 
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable or does not fit; the message is one line."""
+class RunFileError(Exception):
+    """A file of a run (checkpoint, metrics) that is missing, unreadable or does not fit; one line."""
+
+
+class CheckpointError(RunFileError):
+    """A checkpoint that is missing, unreadable or does not fit."""
 
 
 def atomic_save(state: dict, path: Path):
@@ -1113,7 +1125,7 @@ def read_metrics(folder: Path) -> List[dict]:
             except json.JSONDecodeError:
                 pass  # a line cut by a crash mid-write: the others are still good
     if not records:
-        raise CheckpointError(f"no metrics in {folder} (expected a run folder with metrics.jsonl)")
+        raise RunFileError(f"no metrics in {folder} (expected a run folder with metrics.jsonl)")
     return records
 
 
@@ -1186,7 +1198,7 @@ def build_parser(add_help: bool = True, defaults: bool = True) -> argparse.Argum
     parser = argparse.ArgumentParser(
         prog="ppo_breakout.py",
         description="PPO on an Atari game (default Breakout), reported to labml. "
-        "Subcommands: 'evaluate CHECKPOINT' and 'plot RUN_FOLDER' (each with --help).",
+        "Subcommands: 'evaluate CHECKPOINT', 'plot RUN_FOLDER' and 'dashboard' (each with --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         add_help=add_help,
     )
@@ -1251,7 +1263,7 @@ def install_stop_handlers(trainer: Trainer):
             raise StopRequested(signum)
         trainer.stop_requested = signum
         print(
-            f"\n{signal.Signals(signum).name}: stopping after this update with a checkpoint " "(again to stop at once)",
+            f"\n{signal.Signals(signum).name}: stopping after this update with a checkpoint (again to stop at once)",
             file=sys.stderr,
             flush=True,
         )
@@ -1411,9 +1423,9 @@ def evaluate_main(argv: List[str]) -> int:
         return fail(parser.prog, f"argument --video: {args.video} must end in .mp4")
     if args.video is not None and not args.video.resolve().parent.is_dir():
         return fail(parser.prog, f"argument --video: folder {args.video.parent} does not exist")
-    device_problems = [p for name, p in config_errors(Configs(device=args.device)) if name == "device"]
-    if device_problems:
-        return fail(parser.prog, f"argument --device: {device_problems[0]}")
+    problem = device_problem(args.device)
+    if problem:
+        return fail(parser.prog, f"argument --device: {problem}")
     try:
         result = evaluate(args.checkpoint, args.episodes, args.video, args.greedy, args.seed, args.device)
     except CheckpointError as e:
@@ -1448,7 +1460,7 @@ def plot_main(argv: List[str]) -> int:
         return fail(parser.prog, f"argument --output: folder {output.parent} does not exist")
     try:
         plot_runs(args.folders, output, args.baseline)
-    except CheckpointError as e:
+    except RunFileError as e:
         return fail(parser.prog, str(e))
     print(f"wrote {output}")
     return 0
