@@ -38,6 +38,13 @@ def no_leftover_children():
     assert not left, f"child processes left behind: {left}"
 
 
+def run_python(cwd, script, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python script args...` run in `cwd`, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def copy_script(folder: Path) -> Path:
     for name in ("ppo_breakout.py", ".labml.yaml"):
         (folder / name).write_bytes((ROOT / name).read_bytes())
@@ -54,24 +61,19 @@ def script_dir(tmp_path):
 def short_run(tmp_path_factory) -> Path:
     """The run folder of a real 4-update training run with 2 workers, checkpointing every 2."""
     folder = copy_script(tmp_path_factory.mktemp("short_run"))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "ppo_breakout.py",
-            "--updates",
-            "4",
-            "--n-workers",
-            "2",
-            "--worker-steps",
-            "64",
-            "--epochs",
-            "1",
-            "--checkpoint-every",
-            "2",
-        ],
-        cwd=folder,
-        capture_output=True,
-        text=True,
+    result = run_python(
+        folder,
+        "ppo_breakout.py",
+        "--updates",
+        "4",
+        "--n-workers",
+        "2",
+        "--worker-steps",
+        "64",
+        "--epochs",
+        "1",
+        "--checkpoint-every",
+        "2",
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,31 +1,24 @@
 import re
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import ROOT, run_python
 
 
 def test_bench_prints_every_figure_for_one_configuration():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "bench.py",
-            "--n-workers",
-            "2",
-            "--worker-steps",
-            "16",
-            "--epochs",
-            "1",
-            "--env-steps",
-            "20",
-            "--warmup",
-            "0",
-            "--measure",
-            "1",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    result = run_python(
+        ROOT,
+        "bench.py",
+        "--n-workers",
+        "2",
+        "--worker-steps",
+        "16",
+        "--epochs",
+        "1",
+        "--env-steps",
+        "20",
+        "--warmup",
+        "0",
+        "--measure",
+        "1",
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -41,13 +34,7 @@ def test_bench_prints_every_figure_for_one_configuration():
 
 
 def test_random_policy_baseline_is_printed():
-    result = subprocess.run(
-        [sys.executable, "bench.py", "--random-policy", "--episodes", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_python(ROOT, "bench.py", "--random-policy", "--episodes", "2", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"random policy: game breakout, 2 games, score mean [\d.]+", result.stdout)
 
@@ -55,23 +42,18 @@ def test_random_policy_baseline_is_printed():
 def test_learn_runs_the_real_entry_point_and_prints_one_stable_line(tmp_path):
     for name in ("bench.py", "ppo_breakout.py", ".labml.yaml"):
         (tmp_path / name).write_bytes((ROOT / name).read_bytes())
-    result = subprocess.run(
-        [
-            sys.executable,
-            "bench.py",
-            "--learn",
-            "--steps",
-            "600",
-            "--n-workers",
-            "2",
-            "--worker-steps",
-            "100",
-            "--epochs",
-            "1",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
+    result = run_python(
+        tmp_path,
+        "bench.py",
+        "--learn",
+        "--steps",
+        "600",
+        "--n-workers",
+        "2",
+        "--worker-steps",
+        "100",
+        "--epochs",
+        "1",
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from conftest import run_python
 
 from ppo_breakout import CheckpointError, Trainer, find_checkpoint, load_checkpoint
 
@@ -70,9 +71,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, short_run):
     ],
 )
 def test_resume_from_a_bad_path_exits_2_with_one_line(script_dir, args, message):
-    result = subprocess.run(
-        [sys.executable, "ppo_breakout.py", *args], cwd=script_dir, capture_output=True, text=True, timeout=60
-    )
+    result = run_python(script_dir, "ppo_breakout.py", *args, timeout=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"ppo_breakout.py: error: {message}"), lines
@@ -81,13 +80,7 @@ def test_resume_from_a_bad_path_exits_2_with_one_line(script_dir, args, message)
 
 def test_resume_from_the_cli_continues_the_update_count_in_a_run_that_names_the_old_one(short_run, tmp_path):
     folder = short_run.parents[2]
-    result = subprocess.run(
-        [sys.executable, "ppo_breakout.py", "--resume", str(short_run), "--updates", "5"],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_python(folder, "ppo_breakout.py", "--resume", str(short_run), "--updates", "5", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"continues run {short_run.name} from update 4" in result.stdout
     (new_run,) = [r for r in folder.glob("logs/ppo_breakout/*") if r != short_run]

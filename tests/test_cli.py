@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import child_pids
+from conftest import child_pids, run_python
 
 BAD_INPUTS = [
     (["--updates", "0"], "--updates", "positive"),
@@ -32,9 +32,7 @@ if not torch.cuda.is_available():
 
 
 def run(script_dir: Path, *args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "ppo_breakout.py", *args], cwd=script_dir, capture_output=True, text=True, timeout=timeout
-    )
+    return run_python(script_dir, "ppo_breakout.py", *args, timeout=timeout)
 
 
 @pytest.mark.parametrize("args,flag,problem", BAD_INPUTS, ids=[" ".join(a) for a, _, _ in BAD_INPUTS])
@@ -74,9 +72,7 @@ def test_importing_the_module_starts_nothing(tmp_path):
     code = (
         "import ppo_breakout, multiprocessing, threading; " "assert not multiprocessing.active_children(); print('ok')"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=60
-    )
+    result = run_python(Path(__file__).parents[1], "-c", code, timeout=60)
     assert result.stdout.strip() == "ok", result.stderr
     assert not (tmp_path / "logs").exists()
 

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, copy_script
+from conftest import ROOT, copy_script, run_python
 
 ARTIFACTS = ROOT / "test-artifacts"
 TRAIN = ["--n-workers", "2", "--worker-steps", "16", "--batches", "1", "--epochs", "1", "--updates", "100000"]
@@ -243,24 +243,19 @@ def test_the_page_refers_to_no_other_machine(dashboard):
 
 def test_without_a_dashboard_training_says_so_in_one_line_and_goes_on(script_dir):
     url = f"http://127.0.0.1:{free_port()}"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "ppo_breakout.py",
-            "--dashboard",
-            url,
-            "--updates",
-            "2",
-            "--n-workers",
-            "2",
-            "--worker-steps",
-            "16",
-            "--epochs",
-            "1",
-        ],
-        cwd=script_dir,
-        capture_output=True,
-        text=True,
+    result = run_python(
+        script_dir,
+        "ppo_breakout.py",
+        "--dashboard",
+        url,
+        "--updates",
+        "2",
+        "--n-workers",
+        "2",
+        "--worker-steps",
+        "16",
+        "--epochs",
+        "1",
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -273,12 +268,7 @@ def test_without_a_dashboard_training_says_so_in_one_line_and_goes_on(script_dir
 
 
 def test_the_dashboard_refuses_a_port_in_use(dashboard):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "ppo_breakout.py"), "dashboard", "--port", str(dashboard["port"])],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_python(None, ROOT / "ppo_breakout.py", "dashboard", "--port", str(dashboard["port"]), timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"ppo_breakout.py dashboard: error: argument --port: 127.0.0.1:{dashboard['port']} is already in use"

@@ -1,19 +1,14 @@
-import subprocess
-import sys
-
 import imageio.v3 as iio
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_python
 
 from ppo_breakout import PLOT_DPI, PLOT_SIZE
 
 
 def run(*args, cwd=ROOT, timeout=300):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "ppo_breakout.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
+    return run_python(cwd, str(ROOT / "ppo_breakout.py"), *args, timeout=timeout)
 
 
 def test_evaluate_prints_the_statistics_and_writes_a_video_of_the_game(short_run, tmp_path):
