@@ -22,12 +22,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 
 import ppo_breakout as ppo
+
+# CleanRL's ppo_atari.py after 1M steps of Breakout, seed 1, on this project's 2-core CPU class:
+# the mean whole-game score of its last 100 games, the learning check's bar
+CLEANRL_1M_SCORE = 20.5
 
 
 def machine() -> str:
@@ -140,7 +144,7 @@ def random_policy(c: "ppo.Configs", episodes: int):
     )
 
 
-def learn(argv, steps: int):
+def learn(argv, steps: int, target: float):
     """Train with ppo_breakout.py's own entry point for `steps` env steps and summarise its run
     from metrics.jsonl, in one line whose format stays the same so runs can be compared."""
     import subprocess
@@ -154,17 +158,19 @@ def learn(argv, steps: int):
     code = subprocess.call([sys.executable, str(folder / "ppo_breakout.py"), *argv, "--updates", str(updates)])
     (run,) = set(folder.glob("logs/ppo_breakout/*")) - before
     print()  # labml's progress line ends without one
-    summarise(run, time.time() - start, code)
+    summarise(run, time.time() - start, code, target)
 
 
-def summarise(run: Path, wall: Optional[float] = None, code: int = 0):
-    """One line for a run folder; without `wall`, the wall time is read from its metrics."""
+def summarise(run: Path, wall: Optional[float] = None, code: int = 0, target: float = CLEANRL_1M_SCORE):
+    """One line for a run folder; without `wall`, the wall time is read from its metrics. A
+    second line says when the mean of the last 100 games first passed `target`."""
     records = ppo.read_metrics(run)
     scores = [g[0] for r in records for g in r["games"]][-100:]
-    last = records[-1]
-    if wall is None:  # from the end of the first update to the last, plus the first update itself
-        first = records[0]
-        wall = last["time"] - first["time"] + first["env_steps"] / first["steps_per_second"]
+    first, last = records[0], records[-1]
+    # the first update's own time, then the clock from the end of the first update
+    first_update = first["env_steps"] / first["steps_per_second"]
+    if wall is None:
+        wall = last["time"] - first["time"] + first_update
     print(
         f"learn: run {run.name}, exit {code}, steps {last['env_steps']}, updates {last['update']}, "
         f"wall {wall:.0f} s, steps/s {last['env_steps'] / wall:.0f}, "
@@ -174,6 +180,14 @@ def summarise(run: Path, wall: Optional[float] = None, code: int = 0):
             else "no game finished yet"
         )
     )
+    games: List[float] = []
+    for r in records:
+        games += [g[0] for g in r["games"]]
+        if len(games) >= 100 and np.mean(games[-100:]) > target:
+            at = r["time"] - first["time"] + first_update
+            print(f"target: mean of 100 games first above {target} at {r['env_steps']} steps, {at:.0f} s")
+            return
+    print(f"target: mean of 100 games never above {target}")
 
 
 def main():
@@ -191,17 +205,20 @@ def main():
     parser.add_argument("--learn", action="store_true", help="only run a learning run of --steps env steps")
     parser.add_argument("--steps", type=int, default=1_000_000, help="env steps for --learn")
     parser.add_argument("--summarise", type=Path, metavar="RUN_FOLDER", help="only print --learn's line for a run")
+    parser.add_argument(
+        "--target", type=float, default=CLEANRL_1M_SCORE, help="--learn and --summarise say when the score passed it"
+    )
     args, _ = parser.parse_known_args()
     if args.summarise:
-        return summarise(args.summarise)
+        return summarise(args.summarise, target=args.target)
     if args.learn:
         argv = sys.argv[1:]
-        for flag in ("--learn",):
-            argv.remove(flag)
-        if "--steps" in argv:
-            i = argv.index("--steps")
-            del argv[i : i + 2]
-        return learn(argv, args.steps)
+        argv.remove("--learn")
+        for flag in ("--steps", "--target"):
+            if flag in argv:
+                i = argv.index(flag)
+                del argv[i : i + 2]
+        return learn(argv, args.steps, args.target)
     args = parser.parse_args()
     c = ppo.configs_from(vars(args))
     errors = ppo.config_errors(c)

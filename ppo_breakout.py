@@ -1134,21 +1134,33 @@ PLOT_DPI = 100
 PLOT_PANELS = ["value_loss", "policy_reward", "entropy_bonus", "kl_div", "clip_fraction", "steps_per_second"]
 
 
-def plot_runs(folders: List[Path], output: Path, baseline: Optional[float] = None):
+def plot_runs(
+    folders: List[Path],
+    output: Path,
+    baseline: Optional[float] = None,
+    labels: Optional[List[str]] = None,
+    max_steps: Optional[int] = None,
+):
     """The game score (each game faint, the 100-game mean bold) against env steps, and the
-    training statistics in small panels, one colour per run folder."""
+    training statistics in small panels, one colour per run folder. `max_steps` cuts every run
+    at that many env steps, so runs of different lengths compare over the same budget. Returns
+    the (label, records) it drew, one per folder."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = [(Path(folder), read_metrics(folder)) for folder in folders]
+    if max_steps is not None:
+        runs = [(folder, [r for r in records if r["env_steps"] <= max_steps]) for folder, records in runs]
+    labels = labels or [folder.name[:12] for folder in folders]
     figure = plt.figure(figsize=PLOT_SIZE, dpi=PLOT_DPI)
     grid = figure.add_gridspec(3, 3, height_ratios=[2, 1, 1])
     score_axes = figure.add_subplot(grid[0, :])
     panel_axes = [figure.add_subplot(grid[1 + i // 3, i % 3]) for i in range(len(PLOT_PANELS))]
-    for (folder, records), colour in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
-        label = folder.name[:12] if len(runs) > 1 else None
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
+    for (folder, records), label, colour in zip(runs, labels, colours):
+        label = label if len(runs) > 1 else None
         game_steps = [r["env_steps"] for r in records for _ in r.get("games", [])]
         game_scores = [g[0] for r in records for g in r.get("games", [])]
         score_axes.scatter(game_steps, game_scores, s=6, alpha=0.3, color=colour, linewidths=0)
@@ -1178,6 +1190,7 @@ def plot_runs(folders: List[Path], output: Path, baseline: Optional[float] = Non
     figure.tight_layout()
     figure.savefig(output, dpi=PLOT_DPI)
     plt.close(figure)
+    return [(label, records) for label, (_, records) in zip(labels, runs)]
 
 
 # ## Entry point
@@ -1454,12 +1467,20 @@ def plot_main(argv: List[str]) -> int:
         "-o", "--output", type=Path, default=None, help="PNG file to write (default: curve.png in the first run folder)"
     )
     parser.add_argument("--baseline", type=float, default=None, help="draw a random policy's mean score")
+    parser.add_argument(
+        "--label", action="append", default=None, help="legend name of a run, once per RUN_FOLDER in order"
+    )
+    parser.add_argument("--max-steps", type=int, default=None, help="plot each run up to this many env steps")
     args = parser.parse_args(argv)
     output = args.output or args.folders[0] / "curve.png"
     if not output.resolve().parent.is_dir():
         return fail(parser.prog, f"argument --output: folder {output.parent} does not exist")
+    if args.label is not None and len(args.label) != len(args.folders):
+        return fail(parser.prog, f"argument --label: {len(args.label)} labels for {len(args.folders)} run folders")
+    if args.max_steps is not None and args.max_steps <= 0:
+        return fail(parser.prog, f"argument --max-steps: must be positive, got {args.max_steps}")
     try:
-        plot_runs(args.folders, output, args.baseline)
+        plot_runs(args.folders, output, args.baseline, args.label, args.max_steps)
     except RunFileError as e:
         return fail(parser.prog, str(e))
     print(f"wrote {output}")

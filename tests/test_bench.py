@@ -1,6 +1,9 @@
+import json
 import re
 
 from conftest import ROOT, run_python
+
+import bench
 
 
 def test_bench_prints_every_figure_for_one_configuration():
@@ -57,9 +60,25 @@ def test_learn_runs_the_real_entry_point_and_prints_one_stable_line(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    line = result.stdout.strip().splitlines()[-1]
+    line, target = result.stdout.strip().splitlines()[-2:]
+    assert target == "target: mean of 100 games never above 20.5", target  # 600 steps are not 100 games
     assert re.fullmatch(
         r"learn: run \w+, exit 0, steps 600, updates 3, wall \d+ s, steps/s \d+, "
         r"(score mean [\d.]+ sd [\d.]+ over the last \d+ games|no game finished yet)",
         line,
     ), line
+
+
+def test_summarise_says_when_the_100_game_mean_first_passed_the_target(tmp_path, capsys):
+    # 10 updates of 1,000 steps, 20 s each, ending 30 games each: scores 0, 1, 2, ... in order
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for u in range(10):
+            games = [[30 * u + i, 100] for i in range(30)]
+            record = {"update": u + 1, "env_steps": 1000 * (u + 1), "time": 20.0 * u, "steps_per_second": 50.0}
+            f.write(json.dumps({**record, "games": games}) + "\n")
+    bench.summarise(tmp_path, target=150.0)
+    learn, target = capsys.readouterr().out.splitlines()
+    assert "steps 10000, updates 10, wall 200 s, steps/s 50, score mean 249.50" in learn
+    # update 6 ends with games up to 179 (mean of the last 100: 129.5), update 7 up to 209 (159.5);
+    # 140 s = the first update's own 20 s plus 120 s from its end to the end of update 7
+    assert target == "target: mean of 100 games first above 150.0 at 7000 steps, 140 s"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, run_python
 
-from ppo_breakout import PLOT_DPI, PLOT_SIZE
+from ppo_breakout import PLOT_DPI, PLOT_SIZE, plot_runs
 
 
 def run(*args, cwd=ROOT, timeout=300):
@@ -44,6 +44,8 @@ def test_evaluate_is_repeatable_with_its_seed(short_run):
         (["evaluate", "{run}", "--episodes", "0"], "--episodes"),
         (["plot", "{empty}"], "no metrics in"),
         (["plot", "{run}", "-o", "no/such/folder/curve.png"], "does not exist"),
+        (["plot", "{run}", "{run}", "--label", "only one"], "1 labels for 2 run folders"),
+        (["plot", "{run}", "--max-steps", "0"], "--max-steps"),
     ],
 )
 def test_bad_paths_exit_2_with_one_line(short_run, tmp_path, args, problem):
@@ -61,6 +63,15 @@ def test_plot_writes_a_png_of_the_right_size(short_run, tmp_path):
     image = matplotlib.image.imread(output)
     assert image.shape[:2] == (PLOT_SIZE[1] * PLOT_DPI, PLOT_SIZE[0] * PLOT_DPI)
     assert np.unique(image.reshape(-1, image.shape[-1]), axis=0).shape[0] > 10  # something was drawn
+
+
+def test_plot_cuts_runs_at_max_steps_and_names_them_by_label(short_run, tmp_path):
+    # the short run has 4 updates of 2 x 64 steps: 128, 256, 384 and 512 env steps
+    drawn = plot_runs([short_run, short_run], tmp_path / "c.png", labels=["fast", "plain"], max_steps=300)
+    assert [label for label, _ in drawn] == ["fast", "plain"]
+    assert [[r["env_steps"] for r in records] for _, records in drawn] == [[128, 256], [128, 256]]
+    everything = plot_runs([short_run], tmp_path / "d.png")
+    assert [r["env_steps"] for r in everything[0][1]] == [128, 256, 384, 512]
 
 
 def test_a_run_draws_its_own_curve_as_it_trains(short_run):
