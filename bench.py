@@ -144,27 +144,46 @@ def random_policy(c: "ppo.Configs", episodes: int):
     )
 
 
-def learn(argv, steps: int, target: float):
+def learn(argv, steps: int, target: float) -> int:
     """Train with ppo_breakout.py's own entry point for `steps` env steps and summarise its run
     from metrics.jsonl, in one line whose format stays the same so runs can be compared."""
     import subprocess
-    import sys
 
     c = ppo.configs_from(vars(ppo.build_parser().parse_args(argv)))
     updates = -(-steps // (c.n_workers * c.worker_steps))
     folder = Path(__file__).resolve().parent
     before = set(folder.glob("logs/ppo_breakout/*"))
     start = time.time()
-    code = subprocess.call([sys.executable, str(folder / "ppo_breakout.py"), *argv, "--updates", str(updates)])
-    (run,) = set(folder.glob("logs/ppo_breakout/*")) - before
+    with subprocess.Popen([sys.executable, str(folder / "ppo_breakout.py"), *argv, "--updates", str(updates)]) as p:
+        while True:
+            try:
+                code = p.wait()
+                break
+            except KeyboardInterrupt:
+                pass  # the training got the same Ctrl-C: let it finish its update and checkpoint
+    runs = set(folder.glob("logs/ppo_breakout/*")) - before
+    if len(runs) != 1 or not (next(iter(runs)) / "metrics.jsonl").exists():
+        return code  # it stopped before its first update; it said why
     print()  # labml's progress line ends without one
-    summarise(run, time.time() - start, code, target)
+    summarise(runs.pop(), time.time() - start, code, target)
+    return code
 
 
-def summarise(run: Path, wall: Optional[float] = None, code: int = 0, target: float = CLEANRL_1M_SCORE):
+def summarise(
+    run: Path,
+    wall: Optional[float] = None,
+    code: int = 0,
+    target: float = CLEANRL_1M_SCORE,
+    max_steps: Optional[int] = None,
+):
     """One line for a run folder; without `wall`, the wall time is read from its metrics. A
-    second line says when the mean of the last 100 games first passed `target`."""
+    second line says when the mean of the last 100 games first passed `target`. `max_steps`
+    summarises the run as it stood at that many env steps."""
     records = ppo.read_metrics(run)
+    if max_steps is not None:
+        records = [r for r in records if r["env_steps"] <= max_steps]
+        if not records:
+            raise ppo.RunFileError(f"no update of {run} ended within {max_steps} env steps")
     scores = [g[0] for r in records for g in r["games"]][-100:]
     first, last = records[0], records[-1]
     # the first update's own time, then the clock from the end of the first update
@@ -203,14 +222,21 @@ def main():
     parser.add_argument("--random-policy", action="store_true", help="only measure a random policy's score")
     parser.add_argument("--episodes", type=int, default=30, help="games for --random-policy")
     parser.add_argument("--learn", action="store_true", help="only run a learning run of --steps env steps")
-    parser.add_argument("--steps", type=int, default=1_000_000, help="env steps for --learn")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="env steps for --learn (default 1,000,000); --summarise stops there"
+    )
     parser.add_argument("--summarise", type=Path, metavar="RUN_FOLDER", help="only print --learn's line for a run")
     parser.add_argument(
         "--target", type=float, default=CLEANRL_1M_SCORE, help="--learn and --summarise say when the score passed it"
     )
     args, _ = parser.parse_known_args()
+    if args.steps is not None and args.steps <= 0:
+        parser.error(f"argument --steps: must be positive, got {args.steps}")
     if args.summarise:
-        return summarise(args.summarise, target=args.target)
+        try:
+            return summarise(args.summarise, target=args.target, max_steps=args.steps)
+        except ppo.RunFileError as e:
+            parser.error(f"argument --summarise: {e}")
     if args.learn:
         argv = sys.argv[1:]
         argv.remove("--learn")
@@ -218,7 +244,7 @@ def main():
             if flag in argv:
                 i = argv.index(flag)
                 del argv[i : i + 2]
-        return learn(argv, args.steps, args.target)
+        return learn(argv, args.steps or 1_000_000, args.target)
     args = parser.parse_args()
     c = ppo.configs_from(vars(args))
     errors = ppo.config_errors(c)
@@ -279,4 +305,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

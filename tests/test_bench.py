@@ -1,6 +1,12 @@
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
+import pytest
 from conftest import ROOT, run_python
 
 import bench
@@ -42,9 +48,13 @@ def test_random_policy_baseline_is_printed():
     assert re.search(r"random policy: game breakout, 2 games, score mean [\d.]+", result.stdout)
 
 
-def test_learn_runs_the_real_entry_point_and_prints_one_stable_line(tmp_path):
+def copy_bench(folder):
     for name in ("bench.py", "ppo_breakout.py", ".labml.yaml"):
-        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+        (folder / name).write_bytes((ROOT / name).read_bytes())
+
+
+def test_learn_runs_the_real_entry_point_and_prints_one_stable_line(tmp_path):
+    copy_bench(tmp_path)
     result = run_python(
         tmp_path,
         "bench.py",
@@ -82,3 +92,61 @@ def test_summarise_says_when_the_100_game_mean_first_passed_the_target(tmp_path,
     # update 6 ends with games up to 179 (mean of the last 100: 129.5), update 7 up to 209 (159.5);
     # 140 s = the first update's own 20 s plus 120 s from its end to the end of update 7
     assert target == "target: mean of 100 games first above 150.0 at 7000 steps, 140 s"
+
+
+def test_ctrl_c_during_learn_keeps_the_training_checkpoint_and_summarises_it(tmp_path):
+    copy_bench(tmp_path)
+    args = ["--learn", "--steps", "100000", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1"]
+    process = subprocess.Popen(
+        [sys.executable, "bench.py", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("logs/ppo_breakout/*/metrics.jsonl")):
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()[1]
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches bench.py and the training alike
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    (run,) = tmp_path.glob("logs/ppo_breakout/*")
+    last_update = len((run / "metrics.jsonl").read_text().splitlines())
+    assert (run / "checkpoints" / f"update_{last_update:07d}.pt").exists()
+    assert f"learn: run {run.name}, exit 130, steps {32 * last_update}, updates {last_update}," in stdout
+
+
+@pytest.mark.parametrize(
+    "args,problem",
+    [
+        (["--learn", "--steps", "-3"], "argument --steps: must be positive"),
+        (["--summarise", "no/such/run"], "argument --summarise: no metrics in no/such/run"),
+        (["--learn", "--steps", "1000", "--epochs", "0"], "argument --epochs"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_naming_it(tmp_path, args, problem):
+    copy_bench(tmp_path)
+    result = run_python(tmp_path, "bench.py", *args, timeout=120)
+    assert result.returncode == 2
+    assert problem in result.stderr.strip().splitlines()[-1], result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "logs" / "ppo_breakout").exists()
+
+
+def test_summarise_can_stop_at_a_step_count(tmp_path, capsys):
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for u in range(4):
+            record = {"update": u + 1, "env_steps": 100 * (u + 1), "time": float(u), "steps_per_second": 100.0}
+            f.write(json.dumps({**record, "games": [[u, 10]]}) + "\n")
+    bench.summarise(tmp_path, max_steps=250)
+    assert "steps 200, updates 2, wall 2 s, steps/s 100, score mean 0.50 sd 0.50 over the last 2 games" in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(bench.ppo.RunFileError, match="within 50 env steps"):
+        bench.summarise(tmp_path, max_steps=50)
