@@ -6,6 +6,7 @@ Speed of ppo_breakout on this machine, measured with the real Worker and Trainer
     python bench.py --precision fp32 --no-channels-last   # the plain path, for comparison
     python bench.py --random-policy --episodes 30          # a random policy's whole-game score
     python bench.py --learn --steps 1000000 [training flags]  # a learning run, summarised
+    python bench.py --summarise RUN_FOLDER [--steps N]        # the same summary for a run (at N steps)
 
 Prints, for one configuration: env-only steps/s through our Workers and through ale-py's C++
 AtariVectorEnv with the same games and preprocessing (side by side, with the ratio); rollout
