@@ -185,12 +185,22 @@ def summarise(
         records = [r for r in records if r["env_steps"] <= max_steps]
         if not records:
             raise ppo.RunFileError(f"no update of {run} ended within {max_steps} env steps")
-    scores = [g[0] for r in records for g in r["games"]][-100:]
+    # every game's score in order, and the update after which the last 100 first passed `target`
+    games: List[float] = []
+    passed = None
+    for r in records:
+        games += [g[0] for g in r["games"]]
+        if passed is None and len(games) >= 100 and np.mean(games[-100:]) > target:
+            passed = r
+    scores = games[-100:]
     first, last = records[0], records[-1]
-    # the first update's own time, then the clock from the end of the first update
-    first_update = first["env_steps"] / first["steps_per_second"]
+
+    def elapsed(record: dict) -> float:
+        # the first update's own time, then the clock from the end of the first update
+        return record["time"] - first["time"] + first["env_steps"] / first["steps_per_second"]
+
     if wall is None:
-        wall = last["time"] - first["time"] + first_update
+        wall = elapsed(last)
     print(
         f"learn: run {run.name}, exit {code}, steps {last['env_steps']}, updates {last['update']}, "
         f"wall {wall:.0f} s, steps/s {last['env_steps'] / wall:.0f}, "
@@ -200,14 +210,10 @@ def summarise(
             else "no game finished yet"
         )
     )
-    games: List[float] = []
-    for r in records:
-        games += [g[0] for g in r["games"]]
-        if len(games) >= 100 and np.mean(games[-100:]) > target:
-            at = r["time"] - first["time"] + first_update
-            print(f"target: mean of 100 games first above {target} at {r['env_steps']} steps, {at:.0f} s")
-            return
-    print(f"target: mean of 100 games never above {target}")
+    if passed is None:
+        print(f"target: mean of 100 games never above {target}")
+    else:
+        print(f"target: mean of 100 games first above {target} at {passed['env_steps']} steps, {elapsed(passed):.0f} s")
 
 
 def main():

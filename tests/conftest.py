@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,10 +46,34 @@ def run_python(cwd, script, *args, timeout: float = 300) -> subprocess.Completed
     )
 
 
-def copy_script(folder: Path) -> Path:
-    for name in ("ppo_breakout.py", ".labml.yaml"):
+def copy_script(folder: Path, *also: str) -> Path:
+    """Copy the script (and the files named in `also`, such as bench.py) into `folder`."""
+    for name in ("ppo_breakout.py", ".labml.yaml", *also):
         (folder / name).write_bytes((ROOT / name).read_bytes())
     return folder
+
+
+def start_in_own_session(cwd: Path, script: str, *args) -> subprocess.Popen:
+    """`python script args...` in a new process group, so a test can send it the terminal's Ctrl-C."""
+    return subprocess.Popen(
+        [sys.executable, script, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for_first_update(folder: Path, process: subprocess.Popen, timeout: float = 120):
+    """Wait until a run under `folder` has written its first update's metrics."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list(folder.glob("logs/ppo_breakout/*/metrics.jsonl")):
+            return
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.2)
+    raise AssertionError("no update within the timeout")
 
 
 @pytest.fixture

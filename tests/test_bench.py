@@ -2,12 +2,9 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from conftest import ROOT, run_python
+from conftest import ROOT, copy_script, run_python, start_in_own_session, wait_for_first_update
 
 import bench
 
@@ -48,13 +45,8 @@ def test_random_policy_baseline_is_printed():
     assert re.search(r"random policy: game breakout, 2 games, score mean [\d.]+", result.stdout)
 
 
-def copy_bench(folder):
-    for name in ("bench.py", "ppo_breakout.py", ".labml.yaml"):
-        (folder / name).write_bytes((ROOT / name).read_bytes())
-
-
 def test_learn_runs_the_real_entry_point_and_prints_one_stable_line(tmp_path):
-    copy_bench(tmp_path)
+    copy_script(tmp_path, "bench.py")
     result = run_python(
         tmp_path,
         "bench.py",
@@ -95,21 +87,11 @@ def test_summarise_says_when_the_100_game_mean_first_passed_the_target(tmp_path,
 
 
 def test_ctrl_c_during_learn_keeps_the_training_checkpoint_and_summarises_it(tmp_path):
-    copy_bench(tmp_path)
+    copy_script(tmp_path, "bench.py")
     args = ["--learn", "--steps", "100000", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1"]
-    process = subprocess.Popen(
-        [sys.executable, "bench.py", *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = start_in_own_session(tmp_path, "bench.py", *args)
     try:
-        deadline = time.monotonic() + 120
-        while not list(tmp_path.glob("logs/ppo_breakout/*/metrics.jsonl")):
-            assert time.monotonic() < deadline and process.poll() is None, process.communicate()[1]
-            time.sleep(0.2)
+        wait_for_first_update(tmp_path, process)
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches bench.py and the training alike
         stdout, stderr = process.communicate(timeout=60)
     finally:
@@ -132,7 +114,7 @@ def test_ctrl_c_during_learn_keeps_the_training_checkpoint_and_summarises_it(tmp
     ],
 )
 def test_bad_input_exits_2_with_one_line_naming_it(tmp_path, args, problem):
-    copy_bench(tmp_path)
+    copy_script(tmp_path, "bench.py")
     result = run_python(tmp_path, "bench.py", *args, timeout=120)
     assert result.returncode == 2
     assert problem in result.stderr.strip().splitlines()[-1], result.stderr

@@ -1,14 +1,12 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import child_pids, run_python
+from conftest import child_pids, run_python, start_in_own_session, wait_for_first_update
 
 BAD_INPUTS = [
     (["--updates", "0"], "--updates", "positive"),
@@ -87,34 +85,13 @@ def test_a_short_run_finishes_and_writes_its_metrics(script_dir):
     assert "policy_reward" in result.stdout and "steps_per_second" in result.stdout
 
 
-def _start(script_dir, *args):
-    return subprocess.Popen(
-        [sys.executable, "ppo_breakout.py", *args],
-        cwd=script_dir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _wait_for_first_update(script_dir, process, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if list(script_dir.glob("logs/ppo_breakout/*/metrics.jsonl")):
-            return
-        assert process.poll() is None, process.communicate()[1]
-        time.sleep(0.2)
-    raise AssertionError("no update within the timeout")
-
-
 LONG_RUN = ("--updates", "1000", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1")
 
 
 def test_a_worker_killed_during_a_run_ends_it_with_a_clear_error_and_no_orphans(script_dir):
-    process = _start(script_dir, *LONG_RUN)
+    process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN)
     try:
-        _wait_for_first_update(script_dir, process)
+        wait_for_first_update(script_dir, process)
         workers = child_pids(process.pid)
         assert len(workers) == 2
         victim = min(workers)
@@ -131,9 +108,9 @@ def test_a_worker_killed_during_a_run_ends_it_with_a_clear_error_and_no_orphans(
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_and_sigterm_end_the_run_cleanly(script_dir, sig, code):
-    process = _start(script_dir, *LONG_RUN)
+    process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN)
     try:
-        _wait_for_first_update(script_dir, process)
+        wait_for_first_update(script_dir, process)
         workers = child_pids(process.pid)
         assert len(workers) == 2
         # Ctrl-C reaches the whole process group; `kill` reaches the trainer alone
