@@ -1329,22 +1329,29 @@ def connect_dashboard(url: str):
     )
 
 
-def claim_run(url: str, run_uuid: str, timeout: float = 60.0):
+def claim_run(url: str, run_uuid: str, timeout: float = 600.0):
     """Claim the run on the dashboard (its page ignores hyperparameter changes until then). The run
-    appears there with labml's first send, so retry until it does; runs in a daemon thread."""
+    appears there with labml's first send, and labml-app answers a claim with success even when it
+    came before the run joined its project, so claim, then read the run back, until it says claimed.
+    Runs in a daemon thread."""
     import threading
     import urllib.request
+
+    def claimed() -> bool:
+        urllib.request.urlopen(
+            urllib.request.Request(f"{url}/api/v1/run/{run_uuid}/claim", method="PUT"), timeout=10
+        ).close()
+        with urllib.request.urlopen(f"{url}/api/v1/run/{run_uuid}", timeout=10) as response:
+            return bool(json.loads(response.read()).get("is_claimed"))
 
     def claim():
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            request = urllib.request.Request(f"{url}/api/v1/run/{run_uuid}/claim", method="PUT")
             try:
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    if response.status == 200:
-                        return
+                if claimed():
+                    return
             except (OSError, ValueError):
-                pass
+                pass  # not there yet, or the dashboard is busy
             time.sleep(1.0)
         logger.log(f"could not claim run {run_uuid} on {url}: claim it on its page to change hyperparameters")
 

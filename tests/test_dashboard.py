@@ -133,7 +133,7 @@ class Training:
 def training(dashboard, tmp_path):
     run = Training(tmp_path, dashboard["home"], dashboard["url"])
     # the trainer claims its run, so the page can change it at once
-    wait_for(lambda: get_json(f"{dashboard['url']}/api/v1/run/{run.uuid}").get("is_claimed"), 60, "the claim")
+    wait_for(lambda: get_json(f"{dashboard['url']}/api/v1/run/{run.uuid}").get("is_claimed"), 120, "the claim")
     # the dashboard takes changes once it has seen the hyperparameters (labml's first sends)
     hyper_params = f"{dashboard['url']}/api/v1/hyper_params/{run.uuid}"
     wait_for(lambda: len(get_json(hyper_params)["series"]) == 5, 60, "the hyperparameters on the dashboard")
