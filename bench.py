@@ -22,6 +22,7 @@ import statistics
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -226,6 +227,7 @@ def main():
     parser.add_argument("--env-steps", type=int, default=400, help="vector steps for the env-only figures")
     parser.add_argument("--warmup", type=int, default=1, help="updates before the whole-loop timing")
     parser.add_argument("--measure", type=int, default=5, help="updates timed for the whole-loop figure")
+    parser.add_argument("--memory-updates", type=int, default=2, help="updates run for the peak-memory figure")
     parser.add_argument("--random-policy", action="store_true", help="only measure a random policy's score")
     parser.add_argument("--episodes", type=int, default=30, help="games for --random-policy")
     parser.add_argument("--learn", action="store_true", help="only run a learning run of --steps env steps")
@@ -261,6 +263,8 @@ def main():
     if args.random_policy:
         return random_policy(c, args.episodes)
 
+    # the Trainer's dynamic hyperparameters outside a labml experiment: fine here, nothing to steer
+    warnings.filterwarnings("ignore", message="Register dynamic schedules")
     with ppo.Trainer(c) as trainer:
         dtype = trainer.autocast_dtype
         print(f"machine:   {machine()}")
@@ -281,8 +285,6 @@ def main():
             f"ratio {ours / vector:.2f}"
         )
 
-        memory = PeakMemory([os.getpid()] + [w.process.pid for w in trainer.workers])
-        memory.start()
         for _ in range(args.warmup):
             trainer.train(trainer.sample())
         rollout, update, loop = [], [], []
@@ -305,9 +307,15 @@ def main():
             f"loop:      {args.measure * trainer.batch_size / sum(loop):8.0f} env steps/s over "
             f"{args.measure} updates after {args.warmup} warm-up"
         )
+        # memory after the timings, over updates of its own: reading every process's smaps_rollup
+        # 20 times a second costs enough kernel time to slow the timed work by up to 2x
+        memory = PeakMemory([os.getpid()] + [w.process.pid for w in trainer.workers])
+        memory.start()
+        for _ in range(args.memory_updates):
+            trainer.train(trainer.sample())
         print(
             f"memory:    {memory.stop():8.0f} MiB peak, trainer + {len(trainer.workers)} workers "
-            "(sum of proportional set sizes, sampled every 50 ms)"
+            f"(sum of proportional set sizes, sampled every 50 ms over {args.memory_updates} more updates)"
         )
 
 

@@ -24,6 +24,7 @@ BAD_INPUTS = [
     (["--game", "not_a_game"], "--game", "not_a_game"),
     (["--device", "tpu"], "--device", "tpu"),
     (["--updates", "many"], "--updates", "invalid int value"),
+    (["--rollout-threads", "-1"], "--rollout-threads", "0 or more"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["--device", "cuda"], "--device", "CUDA is not available"))

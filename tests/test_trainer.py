@@ -50,6 +50,25 @@ def test_same_seed_twice_gives_the_same_losses(no_leftover_children):
     assert other != results[0]
 
 
+@pytest.mark.parametrize("rollout_threads,expected", [(1, 1), (0, 2)])
+def test_the_rollout_uses_rollout_threads_and_training_all_of_torchs(rollout_threads, expected, no_leftover_children):
+    torch.set_num_threads(2)
+    seen = []
+    with Trainer(rollout_threads=rollout_threads, **SMALL) as trainer:
+        forward = trainer.model.forward
+
+        def recording(obs):
+            seen.append(torch.get_num_threads())
+            return forward(obs)
+
+        trainer.model.forward = recording
+        samples = trainer.sample()
+        assert set(seen) == {expected} and torch.get_num_threads() == 2
+        seen.clear()
+        trainer.train(samples)
+        assert set(seen) == {2}
+
+
 def test_a_changed_dynamic_hyperparameter_is_used_by_the_next_update(no_leftover_children):
     with Trainer(**SMALL) as trainer:
         trainer.epochs.set_value(1)
