@@ -66,6 +66,18 @@ def create_app(ip: str = DEFAULT_IP, port: int = DEFAULT_PORT):
     # labml-app's settings read these at import
     os.environ["LABML_APP_SERVER_IP"] = ip
     os.environ["LABML_APP_SERVER_PORT"] = str(port)
+    from labml_app import handlers
+
+    update_run = handlers._update_run
+
+    async def _update_run(request, *args):
+        # labml-app loads the run, then awaits the request body, then saves the run it loaded: a
+        # claim that lands during that wait was saved over, unclaimed, and later claims are no-ops
+        # (the run is already in the user's project). Read the body first, so load-to-save never waits.
+        await request.json()
+        return await update_run(request, *args)
+
+    handlers._update_run = _update_run
     from labml_app import flask_app
     from starlette.responses import HTMLResponse
     from starlette.staticfiles import StaticFiles

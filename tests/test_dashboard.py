@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,11 @@ class Training:
             stdout=open(self.log, "w"),
             stderr=subprocess.STDOUT,
         )
-        self.run = wait_for(lambda: self._run_folder(), 120, "the run's first update")
+        try:
+            self.run = wait_for(lambda: self._run_folder(), 120, "the run's first update")
+        except BaseException:
+            stop(self.process)  # a trainer left running would slow every later test
+            raise
         self.uuid = self.run.name
 
     def _run_folder(self):
@@ -132,13 +137,15 @@ class Training:
 @pytest.fixture
 def training(dashboard, tmp_path):
     run = Training(tmp_path, dashboard["home"], dashboard["url"])
-    # the trainer claims its run, so the page can change it at once
-    wait_for(lambda: get_json(f"{dashboard['url']}/api/v1/run/{run.uuid}").get("is_claimed"), 120, "the claim")
-    # the dashboard takes changes once it has seen the hyperparameters (labml's first sends)
-    hyper_params = f"{dashboard['url']}/api/v1/hyper_params/{run.uuid}"
-    wait_for(lambda: len(get_json(hyper_params)["series"]) == 5, 60, "the hyperparameters on the dashboard")
-    yield run
-    run.stop()
+    try:
+        # the trainer claims its run, so the page can change it at once
+        wait_for(lambda: get_json(f"{dashboard['url']}/api/v1/run/{run.uuid}").get("is_claimed"), 120, "the claim")
+        # the dashboard takes changes once it has seen the hyperparameters (labml's first sends)
+        hyper_params = f"{dashboard['url']}/api/v1/hyper_params/{run.uuid}"
+        wait_for(lambda: len(get_json(hyper_params)["series"]) == 5, 60, "the hyperparameters on the dashboard")
+        yield run
+    finally:
+        run.stop()
 
 
 def test_changes_through_the_http_endpoint_are_used_by_a_later_update(dashboard, training):
@@ -225,6 +232,29 @@ def test_a_restarted_dashboard_keeps_the_run(dashboard, training):
     dashboard["process"] = start_dashboard(dashboard["home"], dashboard["port"])
     run = get_json(f"{dashboard['url']}/api/v1/run/{training.uuid}")
     assert run["run_uuid"] == training.uuid and run["name"] == "ppo_breakout"
+
+
+def test_a_claim_that_lands_while_a_track_request_waits_for_its_body_stays(dashboard):
+    """labml-app's track handler loads the run, waits for the request body, then saves what it
+    loaded: a claim in that wait was lost for good. Here the body is sent in two parts with the
+    claim in between, the order that left runs unclaimed in a loaded CI run."""
+    run_uuid = uuid.uuid4().hex
+    track = f"/api/v1/track?run_uuid={run_uuid}&labml_version=0.4.168"
+    assert post_json(dashboard["url"] + track, {"name": "claim race", "time": time.time()})["errors"] == []
+    body = json.dumps({"time": time.time()}).encode()
+    head = (
+        f"POST {track} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", dashboard["port"]), timeout=30) as connection:
+        connection.sendall(head + body[:1])
+        time.sleep(1.0)  # the handler has started and waits for the rest of the body
+        claim = urllib.request.Request(f"{dashboard['url']}/api/v1/run/{run_uuid}/claim", method="PUT")
+        urllib.request.urlopen(claim, timeout=10).close()
+        assert get_json(f"{dashboard['url']}/api/v1/run/{run_uuid}")["is_claimed"]
+        connection.sendall(body[1:])
+        assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+    assert get_json(f"{dashboard['url']}/api/v1/run/{run_uuid}")["is_claimed"]
 
 
 def test_the_page_refers_to_no_other_machine(dashboard):
