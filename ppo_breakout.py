@@ -1353,9 +1353,9 @@ def connect_dashboard(url: str):
 
 def claim_run(url: str, run_uuid: str, timeout: float = 600.0):
     """Claim the run on the dashboard (its page ignores hyperparameter changes until then). The run
-    appears there with labml's first send, and labml-app answers a claim with success even when it
-    came before the run joined its project, so claim, then read the run back, until it says claimed.
-    Runs in a daemon thread."""
+    appears there with labml's first send, so retry until it does. labml-app answers every claim of
+    an existing run with success, even one it then undoes or ignores (see dashboard.py), so read the
+    run back and stop only when it says claimed; otherwise say so. Runs in a daemon thread."""
     import threading
     import urllib.request
 
