@@ -268,12 +268,14 @@ def main():
     with ppo.Trainer(c) as trainer:
         dtype = trainer.autocast_dtype
         print(f"machine:   {machine()}")
+        gpu = f", GPU {torch.cuda.get_device_name(trainer.device)}" if trainer.device.type == "cuda" else ""
         print(
-            f"software:  torch {torch.__version__}, {torch.get_num_threads()} torch threads, " f"numpy {np.__version__}"
+            f"software:  torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+            f"numpy {np.__version__}{gpu}"
         )
         print(
             f"config:    {c.game}, {c.n_workers} workers x {c.worker_steps} steps, {c.batches} minibatches, "
-            f"epochs {c.epochs}, device {trainer.device}, "
+            f"epochs {c.epochs}, rollout groups {c.rollout_groups}, device {trainer.device}, "
             f"precision {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}, "
             f"channels_last {c.channels_last}"
         )
@@ -317,6 +319,9 @@ def main():
             f"memory:    {memory.stop():8.0f} MiB peak, trainer + {len(trainer.workers)} workers "
             f"(sum of proportional set sizes, sampled every 50 ms over {args.memory_updates} more updates)"
         )
+        if trainer.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(trainer.device) / 2**20
+            print(f"gpu:       {peak:8.0f} MiB peak allocated by torch on {trainer.device}")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,9 @@ class Configs:
     # threads costs more than it saves (1 thread: rollout 1.16 to 1.37x faster on 2 cores); training keeps
     # all of torch's threads. 0: torch's own thread count throughout
     rollout_threads: int = 1
+    # the workers split into this many groups that take turns, so one group's games step while the
+    # model picks the next group's actions (the same policy and samples, overlapped); 1: lockstep
+    rollout_groups: int = 1
     # a checkpoint every this many updates (and at the end, and on Ctrl-C / SIGTERM)
     checkpoint_every: int = 50
     # the newest checkpoints kept in the run folder; older ones are deleted
@@ -137,6 +140,8 @@ HELP = {
     "precision": "auto, fp32 or bf16 (autocast; losses stay fp32)",
     "channels_last": "NHWC memory format for the convolutions",
     "rollout_threads": "torch threads for the rollout's small forward passes on the CPU (0: torch's default)",
+    "rollout_groups": "groups of workers that take turns, so games step while the model picks the "
+    "next group's actions (1: all in lockstep)",
     "checkpoint_every": "updates between checkpoints (also saved at the end and on Ctrl-C/SIGTERM)",
     "keep_checkpoints": "how many of the newest checkpoints to keep",
 }
@@ -215,6 +220,8 @@ def config_errors(c: Configs) -> List[Tuple[str, str]]:
         errors.append(("lr_schedule", f"must be constant or linear, got {c.lr_schedule!r}"))
     if c.rollout_threads < 0:
         errors.append(("rollout_threads", f"must be 0 or more, got {c.rollout_threads}"))
+    if not 1 <= c.rollout_groups <= max(c.n_workers, 1):
+        errors.append(("rollout_groups", f"must be between 1 and n_workers ({c.n_workers}), got {c.rollout_groups}"))
     if not c.adam_eps > 0:
         errors.append(("adam_eps", f"must be positive, got {c.adam_eps}"))
     if c.precision not in ("auto", "fp32", "bf16"):
@@ -716,6 +723,10 @@ class Trainer:
             setattr(self, name, dynamic_hyperparam(name, overrides.get(name, getattr(c, name))))
 
         self.device = select_device(c.device)
+        if self.device.type == "cuda":
+            # two input shapes only (the rollout's batch and the minibatch): let cuDNN time its
+            # kernels for each once and keep the fastest
+            torch.backends.cudnn.benchmark = True
         self.autocast_dtype = select_dtype(c.precision, self.device)
         torch.manual_seed(c.seed)
         n_actions = len(minimal_actions(c.game))
@@ -787,26 +798,41 @@ class Trainer:
             torch.set_num_threads(threads)
 
     def sample(self) -> Dict[str, torch.Tensor]:
-        """Sample `worker_steps` steps from each worker with the current policy."""
+        """Sample `worker_steps` steps from each worker with the current policy.
+
+        The workers take turns in `rollout_groups` groups: a group's results of step t - 1 are
+        read, the model picks its actions for step t, and they are sent; while the model works
+        on one group, the games of the others are stepping. Every game sees the same policy and
+        keeps its own order, so the samples are distributed as a lockstep rollout's."""
         self.model.eval()
         games = []
+        bounds = np.linspace(0, self.n_workers, self.configs.rollout_groups + 1).astype(int)
+        groups = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+        def receive(group: slice, t: int):
+            for w in range(group.start, group.stop):
+                self.rewards[w, t], self.done[w, t], info = self.workers[w].receive()
+                self.obs[w] = self.workers[w].obs
+                if info:
+                    games.append(info)
+
         with torch.no_grad(), self._autocast(), self._rollout_threads():
             for t in range(self.worker_steps):
-                obs = torch.from_numpy(self.obs)  # [n_workers, 4, 84, 84] uint8
-                self.rollout_obs[:, t] = obs
-                pi, v = self.model(obs.to(self.device))
-                a = pi.sample()
-                self.values[:, t] = v
-                self.log_pis[:, t] = pi.log_prob(a)
-                actions = a.cpu()
-                self.actions[:, t] = actions
-                for w, worker in enumerate(self.workers):
-                    worker.send("step", int(actions[w]))
-                for w, worker in enumerate(self.workers):
-                    self.rewards[w, t], self.done[w, t], info = worker.receive()
-                    self.obs[w] = worker.obs
-                    if info:
-                        games.append(info)
+                for g in groups:
+                    if t > 0:
+                        receive(g, t - 1)
+                    obs = torch.from_numpy(self.obs[g])  # [group, 4, 84, 84] uint8
+                    self.rollout_obs[g, t] = obs
+                    pi, v = self.model(obs.to(self.device))
+                    a = pi.sample()
+                    self.values[g, t] = v
+                    self.log_pis[g, t] = pi.log_prob(a)
+                    actions = a.cpu()
+                    self.actions[g, t] = actions
+                    for w, action in zip(range(g.start, g.stop), actions.tolist()):
+                        self.workers[w].send("step", action)
+            for g in groups:
+                receive(g, self.worker_steps - 1)
             # V of the state after the final step, to bootstrap unfinished episodes
             _, v = self.model(torch.from_numpy(self.obs).to(self.device))
             self.values[:, self.worker_steps] = v

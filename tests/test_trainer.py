@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_breakout import Trainer
+from ppo_breakout import Game, Trainer
 
 SMALL = dict(n_workers=2, worker_steps=16, batches=2, epochs=1, seed=3)
 
@@ -67,6 +67,29 @@ def test_the_rollout_uses_rollout_threads_and_training_all_of_torchs(rollout_thr
         seen.clear()
         trainer.train(samples)
         assert set(seen) == {2}
+
+
+@pytest.mark.parametrize("rollout_groups", [1, 2, 3])
+def test_grouped_rollouts_pair_each_game_observation_with_its_action_and_outcome(rollout_groups, no_leftover_children):
+    # 3 workers, so 2 groups are uneven; each worker's game is replayed here with its own seed and
+    # the actions the rollout recorded: it must see the same frames, rewards and ends
+    config = dict(n_workers=3, worker_steps=24, batches=1, epochs=1, seed=5, rollout_groups=rollout_groups)
+    with Trainer(**config) as trainer:
+        trainer.sample()
+        seeds = np.random.SeedSequence(5).generate_state(3)
+        for w in range(3):
+            game = Game(int(seeds[w]))
+            obs = game.reset()
+            for t in range(24):
+                assert np.array_equal(trainer.rollout_obs[w, t].numpy(), obs), (w, t)
+                obs, reward, done, _ = game.step(int(trainer.actions[w, t]))
+                assert (trainer.rewards[w, t], trainer.done[w, t]) == (reward, done), (w, t)
+            assert np.array_equal(trainer.obs[w], obs)
+        # and the policy's outputs were stored against the same steps
+        with torch.no_grad():
+            pi, v = trainer.model(trainer.rollout_obs.reshape(72, 4, 84, 84))
+        assert torch.allclose(pi.log_prob(trainer.actions.reshape(72)), trainer.log_pis.reshape(72), atol=1e-5)
+        assert torch.allclose(v, trainer.values[:, :-1].reshape(72), atol=1e-5)
 
 
 def test_a_changed_dynamic_hyperparameter_is_used_by_the_next_update(no_leftover_children):
