@@ -103,12 +103,16 @@ class Configs:
     precision: str = "auto"
     # NHWC convolutions: the update 1.3 to 1.5x faster on the CPU with oneDNN
     channels_last: bool = True
-    # torch threads for the rollout's forward passes on the CPU: at a batch of n_workers, starting
-    # threads costs more than it saves (1 thread: rollout 1.16 to 1.37x faster on 2 cores); training keeps
-    # all of torch's threads. 0: torch's own thread count throughout
+    # torch threads during the rollout, on any device: its forward passes are batches of n_workers
+    # and its CPU copies are small, so threads cost more than they save (1 thread: rollout 1.16 to
+    # 1.37x faster on 2 CPU cores; 2.1 to 2.6x on a 16-core H100 machine, where torch's idle
+    # threads spun on the workers' cores). Training keeps all of torch's threads. 0: torch's own
+    # thread count throughout
     rollout_threads: int = 1
     # the workers split into this many groups that take turns, so one group's games step while the
-    # model picks the next group's actions (the same policy and samples, overlapped); 1: lockstep
+    # model picks the next group's actions (the same policy, overlapped); 1: lockstep. Off by
+    # default: 2 groups gave an H100 loop of 2,424 against 2,242 steps/s (one run each) and were
+    # within the noise on 2 CPU cores; 4 were slower on both
     rollout_groups: int = 1
     # a checkpoint every this many updates (and at the end, and on Ctrl-C / SIGTERM)
     checkpoint_every: int = 50
@@ -139,7 +143,7 @@ HELP = {
     "max_grad_norm": "global gradient-norm clip",
     "precision": "auto, fp32 or bf16 (autocast; losses stay fp32)",
     "channels_last": "NHWC memory format for the convolutions",
-    "rollout_threads": "torch threads for the rollout's small forward passes on the CPU (0: torch's default)",
+    "rollout_threads": "torch threads while sampling, on any device (0: torch's default)",
     "rollout_groups": "groups of workers that take turns, so games step while the model picks the "
     "next group's actions (1: all in lockstep)",
     "checkpoint_every": "updates between checkpoints (also saved at the end and on Ctrl-C/SIGTERM)",
@@ -788,9 +792,10 @@ class Trainer:
 
     @contextlib.contextmanager
     def _rollout_threads(self):
-        """`rollout_threads` torch threads while sampling on the CPU, all of them again after."""
+        """`rollout_threads` torch threads while sampling, all of them again after (on a GPU too:
+        the rollout's CPU copies are small, and idle torch threads spin on the workers' cores)."""
         threads = torch.get_num_threads()
-        if self.device.type == "cpu" and self.configs.rollout_threads:
+        if self.configs.rollout_threads:
             torch.set_num_threads(self.configs.rollout_threads)
         try:
             yield

@@ -25,6 +25,8 @@ BAD_INPUTS = [
     (["--device", "tpu"], "--device", "tpu"),
     (["--updates", "many"], "--updates", "invalid int value"),
     (["--rollout-threads", "-1"], "--rollout-threads", "0 or more"),
+    (["--rollout-groups", "0"], "--rollout-groups", "between 1 and n_workers"),
+    (["--n-workers", "2", "--rollout-groups", "3"], "--rollout-groups", "between 1 and n_workers (2)"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["--device", "cuda"], "--device", "CUDA is not available"))
