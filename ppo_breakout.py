@@ -138,7 +138,7 @@ HELP = {
     "lambda_": "GAE lambda, in [0, 1]",
     "seed": "random seed",
     "game": "an Atari ROM that ale-py ships",
-    "device": "auto, cpu, cuda or cuda:N",
+    "device": "auto, cpu, cuda or cuda:N (on CUDA, cuDNN's autotuner picks the convolution kernels)",
     "clip_rewards": "train on the sign of the game reward",
     "max_grad_norm": "global gradient-norm clip",
     "precision": "auto, fp32 or bf16 (autocast; losses stay fp32)",
