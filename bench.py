@@ -278,6 +278,7 @@ def main():
             f"epochs {c.epochs}, rollout groups {c.rollout_groups}, device {trainer.device}, "
             f"precision {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}, "
             f"channels_last {c.channels_last}"
+            + (f", cuda graphs {trainer.graphs}" if trainer.device.type == "cuda" else "")
         )
 
         ours = bench_workers(trainer, args.env_steps)

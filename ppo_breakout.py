@@ -40,7 +40,7 @@ import time
 import traceback
 from collections import deque
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -114,6 +114,10 @@ class Configs:
     # default: 2 groups gave an H100 loop of 2,424 against 2,242 steps/s (one run each) and were
     # within the noise on 2 CPU cores; 4 were slower on both
     rollout_groups: int = 1
+    # on a CUDA GPU, replay each minibatch's update and each rollout step's forward pass as a CUDA
+    # graph: the model is small, so launching its ~100 kernels one by one from Python costs more
+    # than running them. Ignored on the CPU
+    cuda_graphs: bool = True
     # a checkpoint every this many updates (and at the end, and on Ctrl-C / SIGTERM)
     checkpoint_every: int = 50
     # the newest checkpoints kept in the run folder; older ones are deleted
@@ -146,6 +150,7 @@ HELP = {
     "rollout_threads": "torch threads while sampling, on any device (0: torch's default)",
     "rollout_groups": "groups of workers that take turns, so games step while the model picks the "
     "next group's actions (1: all in lockstep)",
+    "cuda_graphs": "on a CUDA GPU, replay the update's minibatch step and the rollout's forward pass as CUDA graphs",
     "checkpoint_every": "updates between checkpoints (also saved at the end and on Ctrl-C/SIGTERM)",
     "keep_checkpoints": "how many of the newest checkpoints to keep",
 }
@@ -189,6 +194,8 @@ DYNAMIC = {
     "clip_range": (CheckedFloatDynamicHyperParam, (0.01, 0.5)),
     "learning_rate": (CheckedFloatDynamicHyperParam, (0.0, 1e-3)),
 }
+# the dynamic values every minibatch reads, besides the learning rate, in the order the loss takes them
+MINIBATCH_DYNAMIC = ("clip_range", "value_loss_coef", "entropy_bonus_coef")
 
 
 def dynamic_hyperparam(name: str, value) -> DynamicHyperParam:
@@ -689,6 +696,38 @@ class ClippedValueFunctionLoss(nn.Module):
 
 
 # ## Trainer
+#
+# On a GPU the Nature CNN is small: a minibatch's forward, backward and Adam step are ~100
+# kernels that run faster than Python and the driver can launch them one by one. A CUDA graph
+# records the kernels of one call once, on fixed input and output buffers, and replays them all
+# with one launch; each call then only copies its inputs into those buffers.
+
+
+# the statistics of each minibatch, in the order the loss returns them
+STATS = ("policy_reward", "value_loss", "entropy_bonus", "kl_div", "clip_fraction")
+
+
+class CudaGraph:
+    """`fn(inputs)` recorded as a CUDA graph. Fill `inputs` (a dict of device tensors) in place,
+    then call: the recorded kernels run and the same `output` tensors are returned every time,
+    so read them before the next call. `fn` first runs 3 times on a side stream, as capture
+    requires (cuDNN picks its kernels, Adam makes its state): undo any effect it has."""
+
+    def __init__(self, fn: Callable, inputs: Dict[str, torch.Tensor]):
+        self.inputs = inputs
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn(inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn(inputs)
+
+    def __call__(self):
+        self.graph.replay()
+        return self.output
 
 
 class Trainer:
@@ -732,6 +771,9 @@ class Trainer:
             # kernels for each once and keep the fastest
             torch.backends.cudnn.benchmark = True
         self.autocast_dtype = select_dtype(c.precision, self.device)
+        self.graphs = c.cuda_graphs and self.device.type == "cuda"
+        self.act_graphs: Dict[int, CudaGraph] = {}  # one per rollout batch size, made at first use
+        self.update_graph: Optional[CudaGraph] = None
         torch.manual_seed(c.seed)
         n_actions = len(minimal_actions(c.game))
         self.model = Model(n_actions, c.orthogonal_init).to(self.device)
@@ -788,7 +830,13 @@ class Trainer:
             raise
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        # a CUDA graph must cast the weights on every replay: no cached casts
+        return torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype,
+            enabled=self.autocast_dtype is not None,
+            cache_enabled=not self.graphs,
+        )
 
     @contextlib.contextmanager
     def _rollout_threads(self):
@@ -828,10 +876,7 @@ class Trainer:
                         receive(g, t - 1)
                     obs = torch.from_numpy(self.obs[g])  # [group, 4, 84, 84] uint8
                     self.rollout_obs[g, t] = obs
-                    pi, v = self.model(obs.to(self.device))
-                    a = pi.sample()
-                    self.values[g, t] = v
-                    self.log_pis[g, t] = pi.log_prob(a)
+                    a, self.log_pis[g, t], self.values[g, t] = self._act(obs)
                     actions = a.cpu()
                     self.actions[g, t] = actions
                     for w, action in zip(range(g.start, g.stop), actions.tolist()):
@@ -867,31 +912,95 @@ class Trainer:
             k: v.reshape(self.batch_size, *v.shape[2:]).to(self.device, non_blocking=True) for k, v in samples.items()
         }
 
+    def _act(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Actions sampled from pi for a batch of observations, their log-probabilities and V."""
+        if not self.graphs:
+            return self._act_eagerly({"obs": obs.to(self.device)})
+        if len(obs) not in self.act_graphs:
+            self.act_graphs[len(obs)] = CudaGraph(self._act_eagerly, {"obs": obs.to(self.device)})
+        graph = self.act_graphs[len(obs)]
+        graph.inputs["obs"].copy_(obs)
+        return graph()
+
+    def _act_eagerly(self, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pi, v = self.model(inputs["obs"])
+        a = pi.sample()
+        return a, pi.log_prob(a), v
+
     def train(self, samples: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """Train the model on `samples`; returns the mean of each tracked statistic."""
         self.model.train()
-        stats: Dict[str, List[torch.Tensor]] = {}
+        stats: List[torch.Tensor] = []
+        in_use: List[List[float]] = []  # the dynamic values each minibatch used
         epochs = self.epochs()  # read once per update: a change applies from the next update
         for _ in range(epochs):
             indexes = torch.randperm(self.batch_size, device=self.device)
             for start in range(0, self.batch_size, self.mini_batch_size):
                 mini_batch_indexes = indexes[start : start + self.mini_batch_size]
-                mini_batch = {k: v[mini_batch_indexes] for k, v in samples.items()}
-                loss, mini_batch_stats = self._calc_loss(mini_batch)
-                for k, v in mini_batch_stats.items():
-                    stats.setdefault(k, []).append(v)
-                # read the learning rate now, so a change from the dashboard applies at once
-                for pg in self.optimizer.param_groups:
-                    pg["lr"] = self.current_learning_rate()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.configs.max_grad_norm)
-                self.optimizer.step()
+                # read the dynamic values now, so a change from the dashboard applies at once
+                values = [self.current_learning_rate(), *(getattr(self, name)() for name in MINIBATCH_DYNAMIC)]
+                if self.graphs:
+                    stats.append(self._train_graphed(samples, mini_batch_indexes, values).clone())
+                else:
+                    for pg in self.optimizer.param_groups:
+                        pg["lr"] = values[0]
+                    mini_batch = {k: v[mini_batch_indexes] for k, v in samples.items()}
+                    stats.append(self._train_step(mini_batch, *values[1:]))
+                in_use.append(values)
                 self.optimizer_steps += 1
         # one device-to-host copy per update instead of one per minibatch
-        keys = list(stats)
-        means = torch.stack([torch.stack(stats[k]).double().mean() for k in keys]).cpu().tolist()
-        return {**dict(zip(keys, means)), "epochs": epochs}
+        means = torch.stack(stats).double().mean(0).cpu().tolist()
+        return {
+            **dict(zip(STATS, means)),
+            **dict(zip(MINIBATCH_DYNAMIC, np.mean(in_use, axis=0)[1:].tolist())),
+            "learning_rate": in_use[-1][0],
+            "epochs": epochs,
+        }
+
+    def _train_step(self, mini_batch: Dict[str, torch.Tensor], clip_range, value_loss_coef, entropy_bonus_coef):
+        """One gradient step on a minibatch; returns its statistics, in the order of `STATS`. The
+        dynamic values are floats, or one-element device tensors inside a CUDA graph."""
+        loss, stats = self._calc_loss(mini_batch, clip_range, value_loss_coef, entropy_bonus_coef)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.configs.max_grad_norm)
+        self.optimizer.step()
+        return stats
+
+    def _train_graphed(self, samples: Dict[str, torch.Tensor], indexes: torch.Tensor, values: List[float]):
+        """`_train_step` replayed as a CUDA graph: the minibatch is gathered into the graph's input
+        buffers, and the learning rate and dynamic values are written into device tensors."""
+        if self.update_graph is None:
+            self.update_graph = self._capture_train_step(samples)
+        inputs = self.update_graph.inputs
+        for k, v in samples.items():
+            torch.index_select(v, 0, indexes, out=inputs[k])
+        if values != self.graph_values:  # a fill is a kernel launch: only when a value changed
+            self.optimizer.param_groups[0]["lr"].fill_(values[0])
+            for i, value in enumerate(values[1:]):
+                inputs["dynamic"][i].fill_(value)
+            self.graph_values = values
+        return self.update_graph()
+
+    def _capture_train_step(self, samples: Dict[str, torch.Tensor]) -> CudaGraph:
+        # Adam reads the learning rate from a device tensor the graph can see change
+        group = self.optimizer.param_groups[0]
+        group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+        group["capturable"] = True
+        self.graph_values = None
+        inputs = {k: v[: self.mini_batch_size].clone() for k, v in samples.items()}
+        inputs["dynamic"] = torch.zeros(len(MINIBATCH_DYNAMIC), device=self.device)
+        # the capture's warm-up takes real steps: put the weights and Adam's state back after it
+        params = list(self.model.parameters())
+        weights = [p.detach().clone() for p in params]
+        moments = {p: {k: v.clone() for k, v in self.optimizer.state[p].items()} for p in self.optimizer.state}
+        graph = CudaGraph(lambda x: self._train_step(x, *x["dynamic"]), inputs)
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+                for k, v in self.optimizer.state[p].items():
+                    v.copy_(moments[p][k]) if p in moments else v.zero_()  # none yet: a fresh Adam
+        return graph
 
     def current_learning_rate(self) -> float:
         """The dynamic learning rate, scaled by the schedule: linear anneals it to 0 at `updates`."""
@@ -903,10 +1012,10 @@ class Trainer:
     def _normalize(adv: torch.Tensor) -> torch.Tensor:
         return (adv - adv.mean()) / (adv.std() + 1e-8)
 
-    def _calc_loss(self, samples: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """The total loss of a minibatch, and the statistics to track."""
-        clip_range = self.clip_range()
-        value_loss_coef, entropy_bonus_coef = self.value_loss_coef(), self.entropy_bonus_coef()
+    def _calc_loss(
+        self, samples: Dict[str, torch.Tensor], clip_range, value_loss_coef, entropy_bonus_coef
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The total loss of a minibatch, and the statistics to track (in the order of `STATS`)."""
         # R_t, the returns sampled from pi_OLD
         sampled_return = samples["values"] + samples["advantages"]
         # normalised advantages: a little bias for much lower variance
@@ -921,23 +1030,8 @@ class Trainer:
         loss = policy_loss + value_loss_coef * value_loss - entropy_bonus_coef * entropy_bonus
         # an estimate of KL(pi_OLD || pi) for monitoring (Schulman's "approximating KL" note)
         approx_kl_divergence = 0.5 * ((samples["log_pis"] - log_pi) ** 2).mean()
-        stats = {
-            "policy_reward": -policy_loss,
-            "value_loss": value_loss,
-            "entropy_bonus": entropy_bonus,
-            "kl_div": approx_kl_divergence,
-            "clip_fraction": self.ppo_loss.clip_fraction,
-        }
-        # the dynamic values this minibatch used, so a dashboard change shows in the metrics
-        in_use = {
-            "clip_range": clip_range,
-            "value_loss_coef": value_loss_coef,
-            "entropy_bonus_coef": entropy_bonus_coef,
-        }
-        return loss, {
-            **{k: v.detach() for k, v in stats.items()},
-            **{k: torch.tensor(float(v), dtype=torch.float64, device=loss.device) for k, v in in_use.items()},
-        }
+        stats = [-policy_loss, value_loss, entropy_bonus, approx_kl_divergence, self.ppo_loss.clip_fraction]
+        return loss, torch.stack(stats).detach()
 
     def run_training_loop(self):
         for update in monit.loop(range(self.update, self.updates)):
@@ -946,7 +1040,6 @@ class Trainer:
             stats = self.train(samples)
             self.update = update + 1
             stats["explained_variance"] = self.explained_variance
-            stats["learning_rate"] = self.optimizer.param_groups[0]["lr"]
             stats["steps_per_second"] = self.batch_size / (time.perf_counter() - start)
             if self.episode_rewards:
                 stats["reward"] = float(np.mean(self.episode_rewards))
@@ -978,7 +1071,7 @@ class Trainer:
             "configs": configs,
             "n_actions": self.model.pi_logits.out_features,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "update": self.update,
             "env_steps": self.env_steps,
             "optimizer_steps": self.optimizer_steps,
@@ -987,6 +1080,13 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+
+    def _optimizer_state(self) -> dict:
+        state = self.optimizer.state_dict()
+        for group in state["param_groups"]:
+            # a float, not the CUDA graph's device tensor, so the checkpoint loads on any device
+            group.update(lr=float(group["lr"]), capturable=False)
+        return state
 
     def load_state_dict(self, state: dict):
         state = copy.deepcopy(state)  # Adam adopts the tensors it is given: training must not alter `state`
