@@ -116,7 +116,8 @@ class Configs:
     rollout_groups: int = 1
     # on a CUDA GPU, replay each minibatch's update and each rollout step's forward pass as a CUDA
     # graph: the model is small, so launching its ~100 kernels one by one from Python costs more
-    # than running them. Ignored on the CPU
+    # than running them (H200, default configuration: loop 3,524 and 3,789 env steps/s against
+    # 1,734 and 1,982 without; a minibatch 1 ms against 5 to 6). Ignored on the CPU
     cuda_graphs: bool = True
     # a checkpoint every this many updates (and at the end, and on Ctrl-C / SIGTERM)
     checkpoint_every: int = 50
