@@ -115,7 +115,7 @@ class Configs:
     # within the noise on 2 CPU cores; 4 were slower on both
     rollout_groups: int = 1
     # on a CUDA GPU, replay each minibatch's update and each rollout step's forward pass as a CUDA
-    # graph: the model is small, so launching its ~100 kernels one by one from Python costs more
+    # graph: the model is small, so launching its dozens of kernels one by one from Python costs more
     # than running them (H200, default configuration: loop 3,524 and 3,789 env steps/s against
     # 1,734 and 1,982 without; a minibatch 1 ms against 5 to 6). Ignored on the CPU
     cuda_graphs: bool = True
@@ -698,7 +698,7 @@ class ClippedValueFunctionLoss(nn.Module):
 
 # ## Trainer
 #
-# On a GPU the Nature CNN is small: a minibatch's forward, backward and Adam step are ~100
+# On a GPU the Nature CNN is small: a minibatch's forward, backward and Adam step are dozens of
 # kernels that run faster than Python and the driver can launch them one by one. A CUDA graph
 # records the kernels of one call once, on fixed input and output buffers, and replays them all
 # with one launch; each call then only copies its inputs into those buffers.
@@ -939,15 +939,15 @@ class Trainer:
             for start in range(0, self.batch_size, self.mini_batch_size):
                 mini_batch_indexes = indexes[start : start + self.mini_batch_size]
                 # read the dynamic values now, so a change from the dashboard applies at once
-                values = [self.current_learning_rate(), *(getattr(self, name)() for name in MINIBATCH_DYNAMIC)]
+                dynamic = [self.current_learning_rate(), *(getattr(self, name)() for name in MINIBATCH_DYNAMIC)]
                 if self.graphs:
-                    stats.append(self._train_graphed(samples, mini_batch_indexes, values).clone())
+                    stats.append(self._train_graphed(samples, mini_batch_indexes, dynamic).clone())
                 else:
                     for pg in self.optimizer.param_groups:
-                        pg["lr"] = values[0]
+                        pg["lr"] = dynamic[0]
                     mini_batch = {k: v[mini_batch_indexes] for k, v in samples.items()}
-                    stats.append(self._train_step(mini_batch, *values[1:]))
-                in_use.append(values)
+                    stats.append(self._train_step(mini_batch, *dynamic[1:]))
+                in_use.append(dynamic)
                 self.optimizer_steps += 1
         # one device-to-host copy per update instead of one per minibatch
         means = torch.stack(stats).double().mean(0).cpu().tolist()
@@ -968,19 +968,19 @@ class Trainer:
         self.optimizer.step()
         return stats
 
-    def _train_graphed(self, samples: Dict[str, torch.Tensor], indexes: torch.Tensor, values: List[float]):
+    def _train_graphed(self, samples: Dict[str, torch.Tensor], indexes: torch.Tensor, dynamic: List[float]):
         """`_train_step` replayed as a CUDA graph: the minibatch is gathered into the graph's input
-        buffers, and the learning rate and dynamic values are written into device tensors."""
+        buffers, and the learning rate and the other `dynamic` values into device tensors."""
         if self.update_graph is None:
             self.update_graph = self._capture_train_step(samples)
         inputs = self.update_graph.inputs
         for k, v in samples.items():
             torch.index_select(v, 0, indexes, out=inputs[k])
-        if values != self.graph_values:  # a fill is a kernel launch: only when a value changed
-            self.optimizer.param_groups[0]["lr"].fill_(values[0])
-            for i, value in enumerate(values[1:]):
+        if dynamic != self.graph_dynamic:  # a fill is a kernel launch: only when a value changed
+            self.optimizer.param_groups[0]["lr"].fill_(dynamic[0])
+            for i, value in enumerate(dynamic[1:]):
                 inputs["dynamic"][i].fill_(value)
-            self.graph_values = values
+            self.graph_dynamic = dynamic
         return self.update_graph()
 
     def _capture_train_step(self, samples: Dict[str, torch.Tensor]) -> CudaGraph:
@@ -988,7 +988,7 @@ class Trainer:
         group = self.optimizer.param_groups[0]
         group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
         group["capturable"] = True
-        self.graph_values = None
+        self.graph_dynamic = None
         inputs = {k: v[: self.mini_batch_size].clone() for k, v in samples.items()}
         inputs["dynamic"] = torch.zeros(len(MINIBATCH_DYNAMIC), device=self.device)
         # the capture's warm-up takes real steps: put the weights and Adam's state back after it
