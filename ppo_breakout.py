@@ -775,6 +775,7 @@ class Trainer:
         self.graphs = c.cuda_graphs and self.device.type == "cuda"
         self.act_graphs: Dict[int, CudaGraph] = {}  # one per rollout batch size, made at first use
         self.update_graph: Optional[CudaGraph] = None
+        self.graph_dynamic: Optional[List[float]] = None  # the dynamic values the update graph's tensors hold
         torch.manual_seed(c.seed)
         n_actions = len(minimal_actions(c.game))
         self.model = Model(n_actions, c.orthogonal_init).to(self.device)
@@ -988,7 +989,6 @@ class Trainer:
         group = self.optimizer.param_groups[0]
         group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
         group["capturable"] = True
-        self.graph_dynamic = None
         inputs = {k: v[: self.mini_batch_size].clone() for k, v in samples.items()}
         inputs["dynamic"] = torch.zeros(len(MINIBATCH_DYNAMIC), device=self.device)
         # the capture's warm-up takes real steps: put the weights and Adam's state back after it
