@@ -1,10 +1,13 @@
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import numpy as np
 import pytest
-from conftest import child_pids
+from conftest import ROOT, _alive, child_pids
 
 from ppo_breakout import OBS_SHAPE, Game, Trainer, Worker, WorkerError
 
@@ -20,6 +23,60 @@ def test_step_reset_close_round_trip(no_leftover_children):
     finally:
         worker.close()
     assert not worker.process.is_alive() and worker.process.exitcode == 0
+
+
+def test_a_whole_game_through_a_worker_matches_the_game_played_in_process(no_leftover_children):
+    # steps travel through shared memory and semaphores: every frame, reward and end, and the
+    # whole-game score and length when the game is over, must be what the Game itself returns
+    worker = Worker(seed=7, clip_rewards=False, index=0)
+    game = Game(seed=7, clip_rewards=False)
+    rng = np.random.default_rng(0)
+    score = 0.0
+    try:
+        np.testing.assert_array_equal(worker.reset(), game.reset())
+        for t in range(20_000):
+            action = int(rng.integers(4))
+            obs, reward, done, info = worker.step(action)
+            expected_obs, expected_reward, expected_done, expected_info = game.step(action)
+            np.testing.assert_array_equal(obs, expected_obs, err_msg=f"step {t}")
+            assert (reward, done, info) == (expected_reward, expected_done, expected_info), t
+            score += reward
+            if info is not None:
+                break
+        assert info == {"reward": score, "length": t + 1}
+        assert score > 0  # a random policy scores in Breakout, so the score slot was written
+    finally:
+        worker.close()
+
+
+def test_a_worker_exits_by_itself_when_its_trainer_is_killed(tmp_path):
+    # Linux kills workers with their trainer (PR_SET_PDEATHSIG); without that, as on macOS, a
+    # worker waiting for its next command must notice that its parent is gone and exit
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        import ppo_breakout
+        ppo_breakout._die_with_parent = lambda parent_pid: None
+        worker = ppo_breakout.Worker(seed=0)
+        worker.reset()
+        print(worker.process.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        worker_pid = int(trainer.stdout.readline())
+        assert _alive(worker_pid)
+        trainer.kill()
+        trainer.wait()
+        deadline = time.monotonic() + 10
+        while _alive(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker_pid), "the orphaned worker is still running"
+    finally:
+        trainer.kill()
+        trainer.wait()
 
 
 def test_unknown_command_raises_a_worker_error_naming_the_worker(no_leftover_children):
