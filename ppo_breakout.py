@@ -533,7 +533,17 @@ class Worker:
             target=worker_process,
             name=f"ppo-worker-{index}",
             daemon=True,
-            args=(parent, self.go, self.ready, self.slots_buffer, self.obs_buffer, os.getpid(), seed, game, clip_rewards),
+            args=(
+                parent,
+                self.go,
+                self.ready,
+                self.slots_buffer,
+                self.obs_buffer,
+                os.getpid(),
+                seed,
+                game,
+                clip_rewards,
+            ),
         )
         self.process.start()
         parent.close()
