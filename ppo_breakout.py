@@ -1418,7 +1418,9 @@ def build_parser(add_help: bool = True, defaults: bool = True) -> argparse.Argum
     parser = argparse.ArgumentParser(
         prog="ppo_breakout.py",
         description="PPO on an Atari game (default Breakout), reported to labml. "
-        "Subcommands: 'evaluate CHECKPOINT', 'plot RUN_FOLDER' and 'dashboard' (each with --help).",
+        "Subcommands: 'evaluate CHECKPOINT', 'plot RUN_FOLDER' and 'dashboard' (each with --help). "
+        "Always on, no flag: frames stay uint8 until the model, fused Adam, and the Workers' "
+        "shared-memory steps.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         add_help=add_help,
     )
