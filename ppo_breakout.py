@@ -428,7 +428,7 @@ class Game:
 
 # the worker's shared slots: what `go` and `ready` announce
 STEP, PIPE = 0.0, 1.0  # COMMAND: step with ACTION, or read the command from the pipe
-OK, FAILED = 0.0, 1.0  # STATUS: the worker replied, or it raised and sent its error over the pipe
+FAILED = 1.0  # STATUS, 0 until the worker raised and sent its error over the pipe
 COMMAND, ACTION, STATUS, REWARD, DONE, GAME_OVER, SCORE, LENGTH = range(8)
 # how often a waiting trainer checks that its worker lives, and a waiting worker its trainer
 LIVENESS_CHECK_S = 0.5
