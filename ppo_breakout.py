@@ -610,7 +610,7 @@ class Worker:
                 self.child.send(("close", None))
                 self.slots[COMMAND] = PIPE
                 self.go.release()
-            except (OSError, ValueError):
+            except OSError:
                 pass
 
     def close(self, timeout: float = 5.0):

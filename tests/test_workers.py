@@ -49,7 +49,7 @@ def test_a_whole_game_through_a_worker_matches_the_game_played_in_process(no_lef
         worker.close()
 
 
-def test_a_worker_exits_by_itself_when_its_trainer_is_killed(tmp_path):
+def test_a_worker_exits_by_itself_when_its_trainer_is_killed():
     # Linux kills workers with their trainer (PR_SET_PDEATHSIG); without that, as on macOS, a
     # worker waiting for its next command must notice that its parent is gone and exit
     script = textwrap.dedent(
@@ -65,6 +65,7 @@ def test_a_worker_exits_by_itself_when_its_trainer_is_killed(tmp_path):
         """
     )
     trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker_pid = None
     try:
         worker_pid = int(trainer.stdout.readline())
         assert _alive(worker_pid)
@@ -77,6 +78,8 @@ def test_a_worker_exits_by_itself_when_its_trainer_is_killed(tmp_path):
     finally:
         trainer.kill()
         trainer.wait()
+        if worker_pid is not None and _alive(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
 
 
 def test_unknown_command_raises_a_worker_error_naming_the_worker(no_leftover_children):
