@@ -241,6 +241,9 @@ def main():
     args, _ = parser.parse_known_args()
     if args.steps is not None and args.steps <= 0:
         parser.error(f"argument --steps: must be positive, got {args.steps}")
+    for name, least in (("env_steps", 1), ("warmup", 0), ("measure", 1), ("memory_updates", 0), ("episodes", 1)):
+        if getattr(args, name) < least:
+            parser.error(f"argument --{name.replace('_', '-')}: must be {least} or more, got {getattr(args, name)}")
     if args.summarise:
         try:
             return summarise(args.summarise, target=args.target, max_steps=args.steps)
@@ -312,14 +315,17 @@ def main():
         )
         # memory after the timings, over updates of its own: reading every process's smaps_rollup
         # 20 times a second costs enough kernel time to slow the timed work by up to 2x
-        memory = PeakMemory([os.getpid()] + [w.process.pid for w in trainer.workers])
-        memory.start()
-        for _ in range(args.memory_updates):
-            trainer.train(trainer.sample())
-        print(
-            f"memory:    {memory.stop():8.0f} MiB peak, trainer + {len(trainer.workers)} workers "
-            f"(sum of proportional set sizes, sampled every 50 ms over {args.memory_updates} more updates)"
-        )
+        if args.memory_updates == 0:
+            print("memory:    not measured (--memory-updates 0)")
+        else:
+            memory = PeakMemory([os.getpid()] + [w.process.pid for w in trainer.workers])
+            memory.start()
+            for _ in range(args.memory_updates):
+                trainer.train(trainer.sample())
+            print(
+                f"memory:    {memory.stop():8.0f} MiB peak, trainer + {len(trainer.workers)} workers "
+                f"(sum of proportional set sizes, sampled every 50 ms over {args.memory_updates} more updates)"
+            )
         if trainer.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(trainer.device) / 2**20
             print(f"gpu:       {peak:8.0f} MiB peak allocated by torch on {trainer.device}")

@@ -230,8 +230,9 @@ def config_errors(c: Configs) -> List[Tuple[str, str]]:
         )
     if c.lr_schedule not in ("constant", "linear"):
         errors.append(("lr_schedule", f"must be constant or linear, got {c.lr_schedule!r}"))
-    if c.rollout_threads < 0:
-        errors.append(("rollout_threads", f"must be 0 or more, got {c.rollout_threads}"))
+    for name in ("rollout_threads", "seed"):
+        if getattr(c, name) < 0:
+            errors.append((name, f"must be 0 or more, got {getattr(c, name)}"))
     if not 1 <= c.rollout_groups <= max(c.n_workers, 1):
         errors.append(("rollout_groups", f"must be between 1 and n_workers ({c.n_workers}), got {c.rollout_groups}"))
     if not c.adam_eps > 0:
@@ -1507,6 +1508,22 @@ def dashboard_answers(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def dashboard_flag_problem(flag: str) -> Optional[str]:
+    """What is wrong with the --dashboard flag, or None: a mistyped URL must not quietly turn
+    the dashboard off."""
+    from urllib.parse import urlparse
+
+    if flag in ("auto", "off"):
+        return None
+    url = urlparse(flag)
+    try:
+        url.port  # raises on a port that is not a number in 0-65535
+        valid = url.scheme in ("http", "https") and bool(url.hostname)
+    except ValueError:
+        valid = False
+    return None if valid else f"must be auto, off or an http(s) URL such as {DASHBOARD_URL}, got {flag!r}"
+
+
 def choose_dashboard(flag: str) -> Tuple[Optional[str], Optional[str]]:
     """(dashboard URL or None, one line to print or None) for the --dashboard flag."""
     if flag == "off":
@@ -1594,6 +1611,9 @@ def train_main(argv: List[str]) -> int:
         name, problem = errors[-1]
         parser.error(f"argument {flag_of(name)}: {problem}")
 
+    problem = dashboard_flag_problem(args["dashboard"])
+    if problem:
+        parser.error(f"argument --dashboard: {problem}")
     dashboard, notice = choose_dashboard(args["dashboard"])
     if notice:
         print(notice)
@@ -1688,6 +1708,9 @@ def plot_main(argv: List[str]) -> int:
     )
     parser.add_argument("--max-steps", type=int, default=None, help="plot each run up to this many env steps")
     args = parser.parse_args(argv)
+    for folder in args.folders:
+        if not folder.is_dir():
+            return fail(parser.prog, f"argument RUN_FOLDER: {folder} is not a folder")
     output = args.output or args.folders[0] / "curve.png"
     if not output.resolve().parent.is_dir():
         return fail(parser.prog, f"argument --output: folder {output.parent} does not exist")

@@ -111,6 +111,12 @@ def test_ctrl_c_during_learn_keeps_the_training_checkpoint_and_summarises_it(tmp
         (["--learn", "--steps", "-3"], "argument --steps: must be positive"),
         (["--summarise", "no/such/run"], "argument --summarise: no metrics in no/such/run"),
         (["--learn", "--steps", "1000", "--epochs", "0"], "argument --epochs"),
+        (["--env-steps", "0"], "argument --env-steps: must be 1 or more, got 0"),
+        (["--measure", "0"], "argument --measure: must be 1 or more"),
+        (["--warmup", "-1"], "argument --warmup: must be 0 or more"),
+        (["--memory-updates", "-2"], "argument --memory-updates: must be 0 or more"),
+        (["--random-policy", "--episodes", "0"], "argument --episodes: must be 1 or more"),
+        (["--learn", "--steps", "1000", "--dashboard", "nowhere"], "argument --dashboard"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_naming_it(tmp_path, args, problem):

@@ -27,6 +27,9 @@ BAD_INPUTS = [
     (["--rollout-threads", "-1"], "--rollout-threads", "0 or more"),
     (["--rollout-groups", "0"], "--rollout-groups", "between 1 and n_workers"),
     (["--n-workers", "2", "--rollout-groups", "3"], "--rollout-groups", "between 1 and n_workers (2)"),
+    (["--seed", "-1"], "--seed", "0 or more"),
+    (["--dashboard", "localhost:5005"], "--dashboard", "http(s) URL"),
+    (["--dashboard", "http://localhost:port"], "--dashboard", "http(s) URL"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["--device", "cuda"], "--device", "CUDA is not available"))

@@ -43,6 +43,7 @@ def test_evaluate_is_repeatable_with_its_seed(short_run):
         (["evaluate", "{run}", "--video", "game.avi"], "must end in .mp4"),
         (["evaluate", "{run}", "--episodes", "0"], "--episodes"),
         (["plot", "{empty}"], "no metrics in"),
+        (["plot", "no/such/run"], "no/such/run is not a folder"),
         (["plot", "{run}", "-o", "no/such/folder/curve.png"], "does not exist"),
         (["plot", "{run}", "{run}", "--label", "only one"], "1 labels for 2 run folders"),
         (["plot", "{run}", "--max-steps", "0"], "--max-steps"),
