@@ -15,11 +15,13 @@ page makes no request outside this machine.
 """
 
 import argparse
+import errno
 import os
 import re
 import socket
 import sys
 from pathlib import Path
+from typing import Optional, Tuple
 
 ASSETS = Path(__file__).resolve().parent / "dashboard_assets"
 DEFAULT_IP = "127.0.0.1"
@@ -100,14 +102,21 @@ def create_app(ip: str = DEFAULT_IP, port: int = DEFAULT_PORT):
     return app
 
 
-def port_in_use(ip: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+def listen_problem(ip: str, port: int) -> Optional[Tuple[str, str]]:
+    """Why the dashboard cannot listen on ip:port, as (flag, problem), or None when it can."""
+    try:
+        family = socket.getaddrinfo(ip, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError):
+        return "--ip", f"{ip} is not an address this machine can listen on"
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((ip, port))
-        except OSError:
-            return True
-    return False
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return "--port", f"{ip}:{port} is already in use"
+            return "--ip", f"cannot listen on {ip}:{port}: {e.strerror}"
+    return None
 
 
 def main(argv=None) -> int:
@@ -131,8 +140,9 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    if port_in_use(args.ip, args.port):
-        print(f"{parser.prog}: error: argument --port: {args.ip}:{args.port} is already in use", file=sys.stderr)
+    problem = listen_problem(args.ip, args.port)
+    if problem:
+        print(f"{parser.prog}: error: argument {problem[0]}: {problem[1]}", file=sys.stderr)
         return 2
     app = create_app(args.ip, args.port)
     print(f"labml dashboard: http://{args.ip}:{args.port}  (data in ~/.labml/app/data; Ctrl-C stops it)", flush=True)

@@ -1603,6 +1603,13 @@ def train_main(argv: List[str]) -> int:
         except CheckpointError as e:
             return fail(parser.prog, f"argument --resume: {e}")
         configs = configs_from({**checkpoint["configs"], **explicit})
+        if configs.updates <= checkpoint["update"]:
+            # --updates is the total, counted from the first run's start: nothing would be trained
+            return fail(
+                parser.prog,
+                f"argument --updates: {configs.updates} is not beyond the checkpoint's update "
+                f"{checkpoint['update']} ({path}); --updates counts all updates, so give more to train on",
+            )
         comment = f"continues run {path.parent.parent.name} from update {checkpoint['update']} ({path})"
     errors = config_errors(configs)
     for name, problem in errors[:-1]:
@@ -1668,6 +1675,8 @@ def evaluate_main(argv: List[str]) -> int:
     args = parser.parse_args(argv)
     if args.episodes <= 0:
         return fail(parser.prog, f"argument --episodes: must be a positive integer, got {args.episodes}")
+    if args.seed < 0:
+        return fail(parser.prog, f"argument --seed: must be 0 or more, got {args.seed}")
     if args.video is not None and args.video.suffix.lower() != ".mp4":
         return fail(parser.prog, f"argument --video: {args.video} must end in .mp4")
     if args.video is not None and not args.video.resolve().parent.is_dir():

@@ -90,6 +90,19 @@ def test_resume_from_the_cli_continues_the_update_count_in_a_run_that_names_the_
     assert len(metrics) == 1 and '"update": 5' in metrics[0]
 
 
+@pytest.mark.parametrize("updates", [[], ["--updates", "4"], ["--updates", "2"]])
+def test_resume_with_nothing_left_to_train_exits_2_and_writes_no_run(short_run, updates):
+    # the short run ended at update 4, its --updates: resuming it needs a larger total
+    folder = short_run.parents[2]
+    runs = set(folder.glob("logs/ppo_breakout/*"))  # the fixture's folder is shared with other tests
+    result = run_python(folder, "ppo_breakout.py", "--resume", str(short_run), *updates, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "argument --updates:" in lines[0], lines
+    assert "is not beyond the checkpoint's update 4" in lines[0], lines
+    assert set(folder.glob("logs/ppo_breakout/*")) == runs
+
+
 def test_sigkill_while_writing_checkpoints_leaves_a_loadable_checkpoint(script_dir):
     process = subprocess.Popen(
         [

@@ -297,6 +297,18 @@ def test_without_a_dashboard_training_says_so_in_one_line_and_goes_on(script_dir
     assert len(metrics.read_text().splitlines()) == 2
 
 
+@pytest.mark.parametrize(
+    "ip,problem",
+    [("999.1.1.1", "999.1.1.1 is not an address"), ("192.0.2.1", "cannot listen on 192.0.2.1:5005")],
+)
+def test_the_dashboard_refuses_an_address_it_cannot_listen_on(ip, problem):
+    result = run_python(None, ROOT / "ppo_breakout.py", "dashboard", "--ip", ip, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ppo_breakout.py dashboard: error: argument --ip: "), lines
+    assert problem in lines[0], lines
+
+
 def test_the_dashboard_refuses_a_port_in_use(dashboard):
     result = run_python(None, ROOT / "ppo_breakout.py", "dashboard", "--port", str(dashboard["port"]), timeout=60)
     assert result.returncode == 2

@@ -42,6 +42,7 @@ def test_evaluate_is_repeatable_with_its_seed(short_run):
         (["evaluate", "{run}", "--video", "no/such/folder/game.mp4"], "does not exist"),
         (["evaluate", "{run}", "--video", "game.avi"], "must end in .mp4"),
         (["evaluate", "{run}", "--episodes", "0"], "--episodes"),
+        (["evaluate", "{run}", "--seed", "-1"], "--seed: must be 0 or more"),
         (["plot", "{empty}"], "no metrics in"),
         (["plot", "no/such/run"], "no/such/run is not a folder"),
         (["plot", "{run}", "-o", "no/such/folder/curve.png"], "does not exist"),
