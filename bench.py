@@ -332,4 +332,8 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the Trainer has joined its workers on the way out
+        print("bench.py: stopped by Ctrl-C; the figures above were measured before it", file=sys.stderr)
+        sys.exit(130)

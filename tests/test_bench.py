@@ -2,6 +2,7 @@ import json
 import os
 import re
 import signal
+import time
 
 import pytest
 from conftest import ROOT, copy_script, run_python, start_in_own_session, wait_for_first_update
@@ -84,6 +85,26 @@ def test_summarise_says_when_the_100_game_mean_first_passed_the_target(tmp_path,
     # update 6 ends with games up to 179 (mean of the last 100: 129.5), update 7 up to 209 (159.5);
     # 140 s = the first update's own 20 s plus 120 s from its end to the end of update 7
     assert target == "target: mean of 100 games first above 150.0 at 7000 steps, 140 s"
+
+
+def test_ctrl_c_during_a_benchmark_exits_130_in_one_line_and_leaves_no_process(tmp_path):
+    copy_script(tmp_path, "bench.py")
+    process = start_in_own_session(tmp_path, "bench.py", "--n-workers", "2", "--env-steps", "1000000")
+    try:
+        for line in process.stdout:  # the Workers are stepping once the configuration is printed
+            if line.startswith("config:"):
+                break
+        time.sleep(1)
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines() == ["bench.py: stopped by Ctrl-C; the figures above were measured before it"]
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # no worker of its process group is left
+        os.killpg(process.pid, 0)
 
 
 def test_ctrl_c_during_learn_keeps_the_training_checkpoint_and_summarises_it(tmp_path):
