@@ -1279,7 +1279,8 @@ def evaluate(
 ) -> Dict[str, list]:
     """Play `episodes` whole games (all lives, unclipped score, the training protocol's no-op
     starts) with the checkpoint's policy; game i is seeded by SeedSequence([seed, i]).
-    Writes the first game as an MP4 when `video` is given. Never writes to the run folder."""
+    Writes the first game as an MP4 when `video` is given. Never writes to the run folder.
+    Ctrl-C ends it early: the games finished by then are returned, with `stopped` True."""
     path, state = load_checkpoint(checkpoint)
     game_name = state["configs"]["game"]
     model = Model(state["n_actions"])
@@ -1287,40 +1288,56 @@ def evaluate(
     model = model.to(select_device(device)).eval()
     seeds = [int(s) for s in np.random.SeedSequence([seed, 0]).generate_state(episodes)]
     generator = torch.Generator().manual_seed(seed)
-    scores, lengths = [], []
-    for i, game_seed in enumerate(seeds):
-        game = Game(game_seed, game_name, clip_rewards=False)
-        if i == 0 and video is not None:
-            game.frames = []
-        obs, info = game.reset(), None
-        while info is None:
-            with torch.no_grad():
-                pi, _ = model(torch.from_numpy(obs).unsqueeze(0).to(model.conv1.weight.device))
-            probs = pi.probs.cpu()
-            action = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator)
-            obs, _, _, info = game.step(int(action))
-        scores.append(info["reward"])
-        lengths.append(info["length"])
-        print(
-            f"game {i + 1:3d}/{episodes}  seed {game_seed:10d}  score {info['reward']:7.1f}  "
-            f"length {info['length']:6d}",
-            flush=True,
-        )
-        if i == 0 and video is not None:
-            write_video(video, game.frames)
-            game.frames = None
-    return {"scores": scores, "lengths": lengths, "seeds": seeds, "checkpoint": str(path)}
+    scores, lengths, stopped, written = [], [], False, None
+    try:
+        for i, game_seed in enumerate(seeds):
+            game = Game(game_seed, game_name, clip_rewards=False)
+            if i == 0 and video is not None:
+                game.frames = []
+            obs, info = game.reset(), None
+            while info is None:
+                with torch.no_grad():
+                    pi, _ = model(torch.from_numpy(obs).unsqueeze(0).to(model.conv1.weight.device))
+                probs = pi.probs.cpu()
+                action = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator)
+                obs, _, _, info = game.step(int(action))
+            if i == 0 and video is not None:
+                write_video(video, game.frames)
+                written, game.frames = str(video), None
+            scores.append(info["reward"])
+            lengths.append(info["length"])
+            print(
+                f"game {i + 1:3d}/{episodes}  seed {game_seed:10d}  score {info['reward']:7.1f}  "
+                f"length {info['length']:6d}",
+                flush=True,
+            )
+    except KeyboardInterrupt:
+        stopped = True
+    return {
+        "scores": scores,
+        "lengths": lengths,
+        "seeds": seeds,
+        "checkpoint": str(path),
+        "video": written,
+        "stopped": stopped,
+    }
 
 
 def write_video(path: Path, frames: List[np.ndarray]):
+    """Write the MP4 beside `path` and rename it there, so a stopped write leaves no broken file."""
     import imageio.v2 as imageio
 
-    # macro_block_size=1 keeps the game's own 160x210 instead of padding it to a multiple of 16
-    with imageio.get_writer(
-        path, fps=VIDEO_FPS, codec="libx264", macro_block_size=1, ffmpeg_log_level="error"
-    ) as writer:
-        for frame in frames:
-            writer.append_data(frame)
+    partial = path.with_name(f".{path.stem}.partial.mp4")
+    try:
+        # macro_block_size=1 keeps the game's own 160x210 instead of padding it to a multiple of 16
+        with imageio.get_writer(
+            partial, fps=VIDEO_FPS, codec="libx264", macro_block_size=1, ffmpeg_log_level="error"
+        ) as writer:
+            for frame in frames:
+                writer.append_data(frame)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def read_metrics(folder: Path) -> List[dict]:
@@ -1691,13 +1708,21 @@ def evaluate_main(argv: List[str]) -> int:
     scores, lengths = np.array(result["scores"]), np.array(result["lengths"])
     print(f"checkpoint: {result['checkpoint']}")
     print(f"policy:     {'greedy' if args.greedy else 'sampled'}, seed {args.seed}")
-    print(
-        f"score:      mean {scores.mean():.2f}  std {scores.std():.2f}  min {scores.min():.1f}  "
-        f"max {scores.max():.1f}  over {len(scores)} games"
-    )
-    print(f"length:     mean {lengths.mean():.1f}  min {lengths.min()}  max {lengths.max()} agent steps")
-    if args.video is not None:
-        print(f"video:      {args.video} (game 1, {VIDEO_FPS} fps)")
+    if len(scores):
+        print(
+            f"score:      mean {scores.mean():.2f}  std {scores.std():.2f}  min {scores.min():.1f}  "
+            f"max {scores.max():.1f}  over {len(scores)} games"
+        )
+        print(f"length:     mean {lengths.mean():.1f}  min {lengths.min()}  max {lengths.max()} agent steps")
+    if result["video"]:
+        print(f"video:      {result['video']} (game 1, {VIDEO_FPS} fps)")
+    if result["stopped"]:
+        print(
+            f"{parser.prog}: stopped by Ctrl-C after {len(scores)} of {args.episodes} games"
+            + ("; no video was written" if args.video is not None and not result["video"] else ""),
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

@@ -1,8 +1,12 @@
+import os
+import re
+import signal
+
 import imageio.v3 as iio
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import ROOT, run_python
+from conftest import ROOT, run_python, start_in_own_session
 
 from ppo_breakout import PLOT_DPI, PLOT_SIZE, plot_runs
 
@@ -27,6 +31,27 @@ def test_evaluate_prints_the_statistics_and_writes_a_video_of_the_game(short_run
     assert frames.std() > 0
     # evaluation never touches the run it came from
     assert sorted(p.name for p in short_run.rglob("*")) == before
+
+
+def test_ctrl_c_during_evaluate_prints_the_games_played_so_far_and_exits_130(short_run, tmp_path):
+    video = tmp_path / "game.mp4"
+    args = ["evaluate", str(short_run), "--episodes", "1000", "--video", str(video)]
+    process = start_in_own_session(tmp_path, str(ROOT / "ppo_breakout.py"), *args)
+    try:
+        first = process.stdout.readline()  # the first game, and its video, are done
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert first.startswith("game   1/1000"), first + stderr[-2000:]
+    assert process.returncode == 130, stderr[-2000:]
+    (line,) = stderr.strip().splitlines()
+    played = int(re.fullmatch(r"ppo_breakout.py evaluate: stopped by Ctrl-C after (\d+) of 1000 games", line)[1])
+    assert 1 <= played < 1000
+    assert f"over {played} games" in stdout and f"video:      {video}" in stdout
+    assert iio.imread(video).shape[1:] == (210, 160, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["game.mp4"]  # no partial file beside it
 
 
 def test_evaluate_is_repeatable_with_its_seed(short_run):
