@@ -26,10 +26,14 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
-import torch
+try:
+    import numpy as np
+    import torch
 
-import ppo_breakout as ppo
+    import ppo_breakout as ppo
+except KeyboardInterrupt:  # Ctrl-C while torch loads: nothing was measured yet
+    print("bench.py: stopped by Ctrl-C while loading; nothing was measured", file=sys.stderr)
+    sys.exit(130)
 
 # CleanRL's ppo_atari.py after 1M steps of Breakout, seed 1, on this project's 2-core CPU class:
 # the mean whole-game score of its last 100 games, the learning check's bar

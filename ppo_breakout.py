@@ -42,13 +42,17 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-import numpy as np
-import torch
-from labml import experiment, logger, monit, tracker
-from labml.configs import FloatDynamicHyperParam, IntDynamicHyperParam
-from labml.internal.configs.dynamic_hyperparam import DynamicHyperParam
-from torch import nn, optim
-from torch.distributions import Categorical
+try:
+    import numpy as np
+    import torch
+    from labml import experiment, logger, monit, tracker
+    from labml.configs import FloatDynamicHyperParam, IntDynamicHyperParam
+    from labml.internal.configs.dynamic_hyperparam import DynamicHyperParam
+    from torch import nn, optim
+    from torch.distributions import Categorical
+except KeyboardInterrupt:  # Ctrl-C in the second or two torch takes to load: nothing exists yet
+    print("\nStopped by Ctrl-C while loading; nothing was started", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
 
 # ## Configuration
 #
@@ -233,6 +237,10 @@ def config_errors(c: Configs) -> List[Tuple[str, str]]:
     for name in ("rollout_threads", "seed"):
         if getattr(c, name) < 0:
             errors.append((name, f"must be 0 or more, got {getattr(c, name)}"))
+    cpus = os.cpu_count() or 1
+    if c.rollout_threads > cpus:
+        # more threads than CPUs only wait on each other, and tens of thousands crash torch
+        errors.append(("rollout_threads", f"must be at most this machine's {cpus} CPUs, got {c.rollout_threads}"))
     if not 1 <= c.rollout_groups <= max(c.n_workers, 1):
         errors.append(("rollout_groups", f"must be between 1 and n_workers ({c.n_workers}), got {c.rollout_groups}"))
     if not c.adam_eps > 0:
@@ -242,7 +250,52 @@ def config_errors(c: Configs) -> List[Tuple[str, str]]:
     problem = device_problem(c.device)
     if problem:
         errors.append(("device", problem))
+    elif not errors:
+        errors += memory_errors(c)
     return errors
+
+
+# Memory a run holds at its peak, measured with bench.py's sum of proportional set sizes on 2 CPU
+# cores (8 workers: 592 MiB at 128 steps and 4 minibatches, 1,163 MiB at 1,024 steps and 16,
+# 3,116 MiB at 1,024 steps and 1) and rounded up: each sample's frames are kept three times over
+# (the rollout, its flattened batch, the NHWC copy), and each minibatch sample's float input,
+# activations and gradients live during its backward pass (on a GPU, in the GPU's memory).
+MEMORY_BASE = 256 * 2**20
+MEMORY_PER_WORKER = 32 * 2**20
+MEMORY_PER_SAMPLE = 96 * 2**10
+MEMORY_PER_MINIBATCH_SAMPLE = 288 * 2**10
+
+
+def physical_memory() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None  # not every platform says
+
+
+def memory_errors(c: Configs) -> List[Tuple[str, str]]:
+    """A run that cannot fit in this machine's memory is refused before it starts anything:
+    otherwise it dies with an allocator's traceback, or forks workers until the machine swaps."""
+    total = physical_memory()
+    samples = c.n_workers * c.worker_steps
+    workers = MEMORY_BASE + c.n_workers * MEMORY_PER_WORKER
+    needed = workers + samples * MEMORY_PER_SAMPLE
+    minibatches = ""
+    if select_device(c.device).type == "cpu":
+        needed += samples // c.batches * MEMORY_PER_MINIBATCH_SAMPLE
+        minibatches = f" in minibatches of {samples // c.batches}"
+    if total is None or needed <= total:
+        return []
+    have = f"more than this machine's {total / 2**30:.1f} GiB"
+    if workers > total:
+        return [("n_workers", f"{c.n_workers} worker processes need about {workers / 2**30:,.1f} GiB, {have}")]
+    return [
+        (
+            "worker_steps",
+            f"{c.n_workers} workers x {c.worker_steps} steps{minibatches} need about {needed / 2**30:,.1f} GiB "
+            f"of memory, {have}",
+        )
+    ]
 
 
 def device_problem(name: str) -> Optional[str]:
@@ -1608,6 +1661,18 @@ def run_path() -> Path:
     return Path(experiment_singleton().run.run_path)
 
 
+def left_behind(trainer: Optional[Trainer], c: Configs, resumed: bool) -> str:
+    """What a run stopped at once has saved, said as it is."""
+    kept = "; the checkpoint it resumed from stays" if resumed else ""
+    if trainer is None or not (trainer.run_path / "metrics.jsonl").exists():
+        return f"no update had finished, so nothing was saved{kept}"
+    checkpoints = sorted((trainer.run_path / "checkpoints").glob("update_*.pt"))
+    if not checkpoints:
+        every = f"one every {c.checkpoint_every} updates"
+        return f"no checkpoint yet ({every}); the metrics are in {trainer.run_path}{kept}"
+    return f"the last checkpoint is {checkpoints[-1]}; the metrics are in {trainer.run_path}"
+
+
 def train_main(argv: List[str]) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
@@ -1666,7 +1731,7 @@ def train_main(argv: List[str]) -> int:
             return 128 + trainer.stop_requested
     except (KeyboardInterrupt, StopRequested) as e:
         signum = e.args[0] if isinstance(e, StopRequested) else signal.SIGINT
-        print("\nStopped at once; the last checkpoint and the metrics are in the run folder.", file=sys.stderr)
+        print(f"\nStopped at once; {left_behind(trainer, configs, resumed=checkpoint is not None)}", file=sys.stderr)
         return 128 + signum
     except WorkerError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1777,4 +1842,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before a command's own handling starts (each has its own after)
+        print("\nStopped by Ctrl-C while starting; nothing was saved", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

@@ -107,6 +107,20 @@ def test_ctrl_c_during_a_benchmark_exits_130_in_one_line_and_leaves_no_process(t
         os.killpg(process.pid, 0)
 
 
+def test_ctrl_c_while_bench_loads_exits_130_in_one_line(tmp_path):
+    copy_script(tmp_path, "bench.py")
+    process = start_in_own_session(tmp_path, "bench.py", "--n-workers", "2")
+    try:
+        time.sleep(0.3)  # torch takes a second or more to load here
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines() == ["bench.py: stopped by Ctrl-C while loading; nothing was measured"]
+
+
 def test_ctrl_c_during_learn_keeps_the_training_checkpoint_and_summarises_it(tmp_path):
     copy_script(tmp_path, "bench.py")
     args = ["--learn", "--steps", "100000", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1"]

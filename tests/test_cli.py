@@ -30,6 +30,11 @@ BAD_INPUTS = [
     (["--seed", "-1"], "--seed", "0 or more"),
     (["--dashboard", "localhost:5005"], "--dashboard", "http(s) URL"),
     (["--dashboard", "http://localhost:port"], "--dashboard", "http(s) URL"),
+    # more than any machine here holds: refused before a worker starts (was an allocator traceback,
+    # or 100,000 forked workers)
+    (["--worker-steps", "10000000"], "--worker-steps", "GiB of memory"),
+    (["--n-workers", "100000"], "--n-workers", "worker processes need about"),
+    (["--rollout-threads", str(os.cpu_count() + 1)], "--rollout-threads", f"{os.cpu_count()} CPUs"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["--device", "cuda"], "--device", "CUDA is not available"))
@@ -136,3 +141,54 @@ def test_ctrl_c_and_sigterm_end_the_run_cleanly(script_dir, sig, code):
     (run,) = script_dir.glob("logs/ppo_breakout/*")
     last_update = len((run / "metrics.jsonl").read_text().splitlines())
     assert (run / "checkpoints" / f"update_{last_update:07d}.pt").exists()
+
+
+def _group_gone(pgid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0, 3.0])
+def test_ctrl_c_while_starting_up_exits_130_with_one_line(script_dir, delay):
+    # while torch loads, the workers start, or the first update runs: each a different moment
+    process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN)
+    try:
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("Stopped"), stderr
+    assert _group_gone(process.pid), "a worker outlived the trainer"
+
+
+def test_a_second_ctrl_c_stops_at_once_and_says_what_was_saved(script_dir):
+    # long updates (2 x 16 samples, 300 epochs), so the second Ctrl-C lands inside one
+    process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN[:-1], "300")
+    try:
+        wait_for_first_update(script_dir, process)
+        os.killpg(process.pid, signal.SIGINT)
+        time.sleep(1.0)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    (run,) = script_dir.glob("logs/ppo_breakout/*")
+    # stopped inside update 2, before the first checkpoint (one every 50): the metrics stay
+    assert not list(run.glob("checkpoints/*.pt"))
+    assert len((run / "metrics.jsonl").read_text().splitlines()) >= 1
+    last_line = stderr.strip().splitlines()[-1]
+    expected = f"Stopped at once; no checkpoint yet (one every 50 updates); the metrics are in {run}"
+    assert last_line == expected, last_line
