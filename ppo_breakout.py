@@ -234,9 +234,11 @@ def config_errors(c: Configs) -> List[Tuple[str, str]]:
         )
     if c.lr_schedule not in ("constant", "linear"):
         errors.append(("lr_schedule", f"must be constant or linear, got {c.lr_schedule!r}"))
-    for name in ("rollout_threads", "seed"):
-        if getattr(c, name) < 0:
-            errors.append((name, f"must be 0 or more, got {getattr(c, name)}"))
+    if c.rollout_threads < 0:
+        errors.append(("rollout_threads", f"must be 0 or more, got {c.rollout_threads}"))
+    problem = seed_problem(c.seed)
+    if problem:
+        errors.append(("seed", problem))
     cpus = os.cpu_count() or 1
     if c.rollout_threads > cpus:
         # more threads than CPUs only wait on each other, and tens of thousands crash torch
@@ -296,6 +298,15 @@ def memory_errors(c: Configs) -> List[Tuple[str, str]]:
             f"of memory, {have}",
         )
     ]
+
+
+def seed_problem(seed: int) -> Optional[str]:
+    """torch.manual_seed takes at most 64 bits."""
+    if seed < 0:
+        return f"must be 0 or more, got {seed}"
+    if seed >= 2**64:
+        return f"must be less than 2**64 (torch seeds are 64-bit), got {seed}"
+    return None
 
 
 def device_problem(name: str) -> Optional[str]:
@@ -1757,8 +1768,8 @@ def evaluate_main(argv: List[str]) -> int:
     args = parser.parse_args(argv)
     if args.episodes <= 0:
         return fail(parser.prog, f"argument --episodes: must be a positive integer, got {args.episodes}")
-    if args.seed < 0:
-        return fail(parser.prog, f"argument --seed: must be 0 or more, got {args.seed}")
+    if seed_problem(args.seed):
+        return fail(parser.prog, f"argument --seed: {seed_problem(args.seed)}")
     if args.video is not None and args.video.suffix.lower() != ".mp4":
         return fail(parser.prog, f"argument --video: {args.video} must end in .mp4")
     if args.video is not None and not args.video.resolve().parent.is_dir():
@@ -1813,6 +1824,14 @@ def plot_main(argv: List[str]) -> int:
     output = args.output or args.folders[0] / "curve.png"
     if not output.resolve().parent.is_dir():
         return fail(parser.prog, f"argument --output: folder {output.parent} does not exist")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if output.suffix.lower().lstrip(".") not in formats:
+        # without a suffix matplotlib would write `output`.png, not the file we name
+        return fail(
+            parser.prog, f"argument --output: {output} must end in .png, .pdf, .svg or another of {sorted(formats)}"
+        )
     if args.label is not None and len(args.label) != len(args.folders):
         return fail(parser.prog, f"argument --label: {len(args.label)} labels for {len(args.folders)} run folders")
     if args.max_steps is not None and args.max_steps <= 0:

@@ -28,6 +28,7 @@ BAD_INPUTS = [
     (["--rollout-groups", "0"], "--rollout-groups", "between 1 and n_workers"),
     (["--n-workers", "2", "--rollout-groups", "3"], "--rollout-groups", "between 1 and n_workers (2)"),
     (["--seed", "-1"], "--seed", "0 or more"),
+    (["--seed", str(2**64)], "--seed", "less than 2**64"),
     (["--dashboard", "localhost:5005"], "--dashboard", "http(s) URL"),
     (["--dashboard", "http://localhost:port"], "--dashboard", "http(s) URL"),
     # more than any machine here holds: refused before a worker starts (was an allocator traceback,

@@ -73,6 +73,10 @@ def test_evaluate_is_repeatable_with_its_seed(short_run):
         (["plot", "{run}", "-o", "no/such/folder/curve.png"], "does not exist"),
         (["plot", "{run}", "{run}", "--label", "only one"], "1 labels for 2 run folders"),
         (["plot", "{run}", "--max-steps", "0"], "--max-steps"),
+        (["evaluate", "{run}", "--seed", str(2**64)], "--seed: must be less than 2**64"),
+        (["plot", "{run}", "-o", "curve.txt"], "--output: curve.txt must end in .png, .pdf, .svg"),
+        # without a suffix matplotlib would have written curve.png while we said "wrote curve"
+        (["plot", "{run}", "-o", "curve"], "--output: curve must end in"),
     ],
 )
 def test_bad_paths_exit_2_with_one_line(short_run, tmp_path, args, problem):
