@@ -259,9 +259,9 @@ def config_errors(c: Configs) -> List[Tuple[str, str]]:
 
 # Memory a run holds at its peak, measured with bench.py's sum of proportional set sizes on 2 CPU
 # cores (8 workers: 592 MiB at 128 steps and 4 minibatches, 1,163 MiB at 1,024 steps and 16,
-# 3,116 MiB at 1,024 steps and 1) and rounded up: each sample's frames are kept three times over
-# (the rollout, its flattened batch, the NHWC copy), and each minibatch sample's float input,
-# activations and gradients live during its backward pass (on a GPU, in the GPU's memory).
+# 3,116 MiB at 1,024 steps and 1) and rounded up. The peak grew by ~71 KiB a sample, more than
+# its 28 KiB of uint8 frames, and by ~260 KiB a minibatch sample: its float input, activations
+# and gradients, alive during its backward pass (on a GPU, in the GPU's memory, not counted here).
 MEMORY_BASE = 256 * 2**20
 MEMORY_PER_WORKER = 32 * 2**20
 MEMORY_PER_SAMPLE = 96 * 2**10
@@ -277,7 +277,7 @@ def physical_memory() -> Optional[int]:
 
 def memory_errors(c: Configs) -> List[Tuple[str, str]]:
     """A run that cannot fit in this machine's memory is refused before it starts anything:
-    otherwise it dies with an allocator's traceback, or forks workers until the machine swaps."""
+    otherwise it dies with an allocator's traceback, or starts more workers than the machine holds."""
     total = physical_memory()
     samples = c.n_workers * c.worker_steps
     workers = MEMORY_BASE + c.n_workers * MEMORY_PER_WORKER
