@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import math
 import multiprocessing
@@ -1289,11 +1290,25 @@ def atomic_save(state: dict, path: Path):
     """Write to a temporary file, flush it to disk, then rename: a kill at any moment leaves
     either the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save turns a full disk into a RuntimeError
+        tmp.unlink(missing_ok=True)  # a partial file would only fill the disk further
+        raise RunFileError(f"cannot write {path}: {os_reason(e)}") from e
+
+
+def os_reason(e: BaseException) -> str:
+    """The operating system's words for a failed write ("No space left on device"), wherever in
+    the chain of exceptions they are."""
+    while e is not None:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        e = e.__cause__ or e.__context__
+    return "unknown error"
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -1399,6 +1414,16 @@ def write_video(path: Path, frames: List[np.ndarray]):
         ) as writer:
             for frame in frames:
                 writer.append_data(frame)
+        # imageio does not look at ffmpeg's exit status: a full disk would leave a cut video
+        # behind a success, so count what the file holds
+        import imageio_ffmpeg
+
+        try:
+            written = imageio_ffmpeg.count_frames_and_secs(str(partial))[0]
+        except RuntimeError:
+            written = 0
+        if written != len(frames):
+            raise OSError(errno.EIO, f"ffmpeg wrote {written} of {len(frames)} frames (is the disk full?)")
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -1747,6 +1772,10 @@ def train_main(argv: List[str]) -> int:
     except WorkerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (RunFileError, OSError) as e:  # a full disk, for one: what was written before stays
+        reason = e if isinstance(e, RunFileError) else f"cannot write the run: {os_reason(e)}"
+        print(f"error: {reason}; {left_behind(trainer, configs, resumed=checkpoint is not None)}", file=sys.stderr)
+        return 1
     finally:
         if trainer is not None:
             trainer.destroy()
@@ -1781,6 +1810,9 @@ def evaluate_main(argv: List[str]) -> int:
         result = evaluate(args.checkpoint, args.episodes, args.video, args.greedy, args.seed, args.device)
     except CheckpointError as e:
         return fail(parser.prog, str(e))
+    except OSError as e:  # the video could not be written
+        print(f"{parser.prog}: error: cannot write {args.video}: {os_reason(e)}", file=sys.stderr)
+        return 1
     scores, lengths = np.array(result["scores"]), np.array(result["lengths"])
     print(f"checkpoint: {result['checkpoint']}")
     print(f"policy:     {'greedy' if args.greedy else 'sampled'}, seed {args.seed}")
@@ -1840,6 +1872,9 @@ def plot_main(argv: List[str]) -> int:
         plot_runs(args.folders, output, args.baseline, args.label, args.max_steps)
     except RunFileError as e:
         return fail(parser.prog, str(e))
+    except OSError as e:
+        print(f"{parser.prog}: error: cannot write {output}: {os_reason(e)}", file=sys.stderr)
+        return 1
     print(f"wrote {output}")
     return 0
 

@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,11 +40,29 @@ def no_leftover_children():
     assert not left, f"child processes left behind: {left}"
 
 
-def run_python(cwd, script, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_python(cwd, script, *args, timeout: float = 300, preexec_fn=None) -> subprocess.CompletedProcess:
     """`python script args...` run in `cwd`, its output captured as text."""
     return subprocess.run(
-        [sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
     )
+
+
+def files_of_at_most(size: int):
+    """A preexec_fn under which, as on a full disk, a write past `size` bytes fails (EFBIG, with
+    SIGXFSZ ignored) instead of killing the process; ffmpeg and the workers inherit it."""
+
+    def limit():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return limit
 
 
 def copy_script(folder: Path, *also: str) -> Path:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import run_python
+from conftest import files_of_at_most, run_python
 
 from ppo_breakout import CheckpointError, Trainer, find_checkpoint, load_checkpoint
 
@@ -137,3 +137,34 @@ def test_sigkill_while_writing_checkpoints_leaves_a_loadable_checkpoint(script_d
     (run,) = script_dir.glob("logs/ppo_breakout/*")
     path, state = load_checkpoint(run)
     assert state["update"] >= 3
+
+
+def test_a_checkpoint_that_cannot_be_written_ends_the_run_with_one_line_and_keeps_the_metrics(script_dir):
+    args = ["--updates", "6", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1", "--checkpoint-every", "2"]
+    process = subprocess.Popen(
+        [sys.executable, "ppo_breakout.py", *args, "--dashboard", "off"],
+        cwd=script_dir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=files_of_at_most(2**20),  # a checkpoint is ~20 MB, metrics far less
+        start_new_session=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 1, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    (run,) = script_dir.glob("logs/ppo_breakout/*")
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line == (
+        f"error: cannot write {run / 'checkpoints' / 'update_0000002.pt'}: File too large; "
+        f"no checkpoint yet (one every 2 updates); the metrics are in {run}"
+    ), last_line
+    assert not list((run / "checkpoints").iterdir()), "the partial file is removed"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # the workers went with the trainer
+        os.killpg(process.pid, 0)

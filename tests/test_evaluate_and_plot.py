@@ -6,7 +6,7 @@ import imageio.v3 as iio
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import ROOT, run_python, start_in_own_session
+from conftest import ROOT, files_of_at_most, run_python, start_in_own_session
 
 from ppo_breakout import PLOT_DPI, PLOT_SIZE, plot_runs
 
@@ -85,6 +85,33 @@ def test_bad_paths_exit_2_with_one_line(short_run, tmp_path, args, problem):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and problem in lines[0], lines
+
+
+def test_a_video_or_plot_that_cannot_be_written_is_an_error_not_a_cut_file(short_run, tmp_path):
+    # files of at most 10 KiB, as on a full disk: imageio ignored ffmpeg's failure, so a cut video
+    # was reported as written, and savefig's OSError was a traceback
+    video, curve = tmp_path / "game.mp4", tmp_path / "curve.png"
+    limit = files_of_at_most(10 * 2**10)
+    evaluate = run_python(
+        tmp_path,
+        ROOT / "ppo_breakout.py",
+        "evaluate",
+        str(short_run),
+        "--episodes",
+        "1",
+        "--video",
+        str(video),
+        preexec_fn=limit,
+    )
+    plot = run_python(tmp_path, ROOT / "ppo_breakout.py", "plot", str(short_run), "-o", str(curve), preexec_fn=limit)
+    assert (evaluate.returncode, plot.returncode) == (1, 1), evaluate.stderr[-2000:] + plot.stderr[-2000:]
+    assert re.fullmatch(
+        rf"ppo_breakout.py evaluate: error: cannot write {re.escape(str(video))}: "
+        r"ffmpeg wrote \d+ of \d+ frames \(is the disk full\?\)",
+        evaluate.stderr.strip(),
+    ), evaluate.stderr
+    assert plot.stderr.strip() == f"ppo_breakout.py plot: error: cannot write {curve}: File too large"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no cut or partial file is left behind"
 
 
 def test_plot_writes_a_png_of_the_right_size(short_run, tmp_path):
