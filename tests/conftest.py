@@ -1,9 +1,11 @@
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Tuple
 
 import pytest
 
@@ -72,16 +74,33 @@ def copy_script(folder: Path, *also: str) -> Path:
     return folder
 
 
-def start_in_own_session(cwd: Path, script: str, *args) -> subprocess.Popen:
-    """`python script args...` in a new process group, so a test can send it the terminal's Ctrl-C."""
+def start_in_own_session(cwd: Path, script: str, *args, env: Optional[dict] = None) -> subprocess.Popen:
+    """`python script args...` in a new process group, so a test can send it the terminal's Ctrl-C;
+    `env` adds to the environment."""
     return subprocess.Popen(
         [sys.executable, script, *args],
         cwd=cwd,
+        env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
+
+
+def ctrl_c(process: subprocess.Popen, *waits, timeout: float = 60) -> Tuple[str, str]:
+    """Press Ctrl-C in `process`'s terminal (its process group) once after each wait, seconds to
+    sleep or a function to call, and return its (stdout, stderr) once it exits; if it hangs, its
+    group is killed when the test fails."""
+    try:
+        for wait in waits:
+            wait() if callable(wait) else time.sleep(wait)
+            with contextlib.suppress(ProcessLookupError):  # it ended already: the test's checks say so
+                os.killpg(process.pid, signal.SIGINT)
+        return process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def wait_for_first_update(folder: Path, process: subprocess.Popen, timeout: float = 120):

@@ -1,11 +1,10 @@
 import json
 import os
 import re
-import signal
 import time
 
 import pytest
-from conftest import ROOT, copy_script, run_python, start_in_own_session, wait_for_first_update
+from conftest import ROOT, copy_script, ctrl_c, run_python, start_in_own_session, wait_for_first_update
 
 import bench
 
@@ -90,16 +89,13 @@ def test_summarise_says_when_the_100_game_mean_first_passed_the_target(tmp_path,
 def test_ctrl_c_during_a_benchmark_exits_130_in_one_line_and_leaves_no_process(tmp_path):
     copy_script(tmp_path, "bench.py")
     process = start_in_own_session(tmp_path, "bench.py", "--n-workers", "2", "--env-steps", "1000000")
-    try:
-        for line in process.stdout:  # the Workers are stepping once the configuration is printed
+
+    def workers_stepping():  # once the configuration is printed
+        for line in process.stdout:
             if line.startswith("config:"):
-                break
-        time.sleep(1)
-        os.killpg(process.pid, signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+                return time.sleep(1)
+
+    _, stderr = ctrl_c(process, workers_stepping)
     assert process.returncode == 130, stderr[-2000:]
     assert stderr.strip().splitlines() == ["bench.py: stopped by Ctrl-C; the figures above were measured before it"]
     time.sleep(0.5)
@@ -110,13 +106,7 @@ def test_ctrl_c_during_a_benchmark_exits_130_in_one_line_and_leaves_no_process(t
 def test_ctrl_c_while_bench_loads_exits_130_in_one_line(tmp_path):
     copy_script(tmp_path, "bench.py")
     process = start_in_own_session(tmp_path, "bench.py", "--n-workers", "2")
-    try:
-        time.sleep(0.3)  # torch takes a second or more to load here
-        os.killpg(process.pid, signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    _, stderr = ctrl_c(process, 0.3)  # torch takes a second or more to load here
     assert process.returncode == 130, stderr[-2000:]
     assert stderr.strip().splitlines() == ["bench.py: stopped by Ctrl-C while loading; nothing was measured"]
 
@@ -125,13 +115,8 @@ def test_ctrl_c_during_learn_keeps_the_training_checkpoint_and_summarises_it(tmp
     copy_script(tmp_path, "bench.py")
     args = ["--learn", "--steps", "100000", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1"]
     process = start_in_own_session(tmp_path, "bench.py", *args)
-    try:
-        wait_for_first_update(tmp_path, process)
-        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches bench.py and the training alike
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    # Ctrl-C reaches bench.py and the training alike
+    stdout, stderr = ctrl_c(process, lambda: wait_for_first_update(tmp_path, process))
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     (run,) = tmp_path.glob("logs/ppo_breakout/*")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import child_pids, run_python, start_in_own_session, wait_for_first_update
+from conftest import child_pids, ctrl_c, run_python, start_in_own_session, wait_for_first_update
 
 BAD_INPUTS = [
     (["--updates", "0"], "--updates", "positive"),
@@ -159,13 +159,7 @@ def _group_gone(pgid: int, timeout: float = 10) -> bool:
 def test_ctrl_c_while_starting_up_exits_130_with_one_line(script_dir, delay):
     # while torch loads, the workers start, or the first update runs: each a different moment
     process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN)
-    try:
-        time.sleep(delay)
-        os.killpg(process.pid, signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    _, stderr = ctrl_c(process, delay)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith("Stopped"), stderr
@@ -173,17 +167,11 @@ def test_ctrl_c_while_starting_up_exits_130_with_one_line(script_dir, delay):
 
 
 def test_a_second_ctrl_c_stops_at_once_and_says_what_was_saved(script_dir):
-    # long updates (2 x 16 samples, 300 epochs), so the second Ctrl-C lands inside one
-    process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN[:-1], "300")
-    try:
-        wait_for_first_update(script_dir, process)
-        os.killpg(process.pid, signal.SIGINT)
-        time.sleep(1.0)
-        os.killpg(process.pid, signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    # long updates (2 x 16 samples, 100 epochs of 4 minibatches: seconds), so the second Ctrl-C
+    # lands inside one; one torch thread, as torch's threads contending with other work for 2
+    # cores made such tiny minibatches 10x slower
+    process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN[:-1], "100", env={"OMP_NUM_THREADS": "1"})
+    _, stderr = ctrl_c(process, lambda: wait_for_first_update(script_dir, process), 0.5)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     (run,) = script_dir.glob("logs/ppo_breakout/*")

@@ -1,12 +1,10 @@
-import os
 import re
-import signal
 
 import imageio.v3 as iio
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import ROOT, files_of_at_most, run_python, start_in_own_session
+from conftest import ROOT, ctrl_c, files_of_at_most, run_python, start_in_own_session
 
 from ppo_breakout import PLOT_DPI, PLOT_SIZE, plot_runs
 
@@ -37,13 +35,10 @@ def test_ctrl_c_during_evaluate_prints_the_games_played_so_far_and_exits_130(sho
     video = tmp_path / "game.mp4"
     args = ["evaluate", str(short_run), "--episodes", "1000", "--video", str(video)]
     process = start_in_own_session(tmp_path, str(ROOT / "ppo_breakout.py"), *args)
-    try:
-        first = process.stdout.readline()  # the first game, and its video, are done
-        os.killpg(process.pid, signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    lines = []
+    # once the first game, and its video, are done
+    stdout, stderr = ctrl_c(process, lambda: lines.append(process.stdout.readline()))
+    first = lines[0]
     assert first.startswith("game   1/1000"), first + stderr[-2000:]
     assert process.returncode == 130, stderr[-2000:]
     (line,) = stderr.strip().splitlines()
