@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import errno
 import json
 import math
 import multiprocessing
@@ -235,15 +234,15 @@ def config_errors(c: Configs) -> List[Tuple[str, str]]:
         )
     if c.lr_schedule not in ("constant", "linear"):
         errors.append(("lr_schedule", f"must be constant or linear, got {c.lr_schedule!r}"))
+    cpus = os.cpu_count() or 1
     if c.rollout_threads < 0:
         errors.append(("rollout_threads", f"must be 0 or more, got {c.rollout_threads}"))
+    elif c.rollout_threads > cpus:
+        # more threads than CPUs only wait on each other, and tens of thousands crash torch
+        errors.append(("rollout_threads", f"must be at most this machine's {cpus} CPUs, got {c.rollout_threads}"))
     problem = seed_problem(c.seed)
     if problem:
         errors.append(("seed", problem))
-    cpus = os.cpu_count() or 1
-    if c.rollout_threads > cpus:
-        # more threads than CPUs only wait on each other, and tens of thousands crash torch
-        errors.append(("rollout_threads", f"must be at most this machine's {cpus} CPUs, got {c.rollout_threads}"))
     if not 1 <= c.rollout_groups <= max(c.n_workers, 1):
         errors.append(("rollout_groups", f"must be between 1 and n_workers ({c.n_workers}), got {c.rollout_groups}"))
     if not c.adam_eps > 0:
@@ -1423,8 +1422,11 @@ def write_video(path: Path, frames: List[np.ndarray]):
         except RuntimeError:
             written = 0
         if written != len(frames):
-            raise OSError(errno.EIO, f"ffmpeg wrote {written} of {len(frames)} frames (is the disk full?)")
+            cut = f"ffmpeg wrote {written} of {len(frames)} frames (is the disk full?)"
+            raise RunFileError(f"cannot write {path}: {cut}")
         os.replace(partial, path)
+    except OSError as e:
+        raise RunFileError(f"cannot write {path}: {os_reason(e)}") from e
     finally:
         partial.unlink(missing_ok=True)
 
@@ -1797,8 +1799,9 @@ def evaluate_main(argv: List[str]) -> int:
     args = parser.parse_args(argv)
     if args.episodes <= 0:
         return fail(parser.prog, f"argument --episodes: must be a positive integer, got {args.episodes}")
-    if seed_problem(args.seed):
-        return fail(parser.prog, f"argument --seed: {seed_problem(args.seed)}")
+    problem = seed_problem(args.seed)
+    if problem:
+        return fail(parser.prog, f"argument --seed: {problem}")
     if args.video is not None and args.video.suffix.lower() != ".mp4":
         return fail(parser.prog, f"argument --video: {args.video} must end in .mp4")
     if args.video is not None and not args.video.resolve().parent.is_dir():
@@ -1810,8 +1813,8 @@ def evaluate_main(argv: List[str]) -> int:
         result = evaluate(args.checkpoint, args.episodes, args.video, args.greedy, args.seed, args.device)
     except CheckpointError as e:
         return fail(parser.prog, str(e))
-    except OSError as e:  # the video could not be written
-        print(f"{parser.prog}: error: cannot write {args.video}: {os_reason(e)}", file=sys.stderr)
+    except RunFileError as e:  # the video could not be written
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
     scores, lengths = np.array(result["scores"]), np.array(result["lengths"])
     print(f"checkpoint: {result['checkpoint']}")

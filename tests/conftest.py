@@ -74,13 +74,16 @@ def copy_script(folder: Path, *also: str) -> Path:
     return folder
 
 
-def start_in_own_session(cwd: Path, script: str, *args, env: Optional[dict] = None) -> subprocess.Popen:
+def start_in_own_session(
+    cwd: Path, script: str, *args, env: Optional[dict] = None, preexec_fn=None
+) -> subprocess.Popen:
     """`python script args...` in a new process group, so a test can send it the terminal's Ctrl-C;
     `env` adds to the environment."""
     return subprocess.Popen(
         [sys.executable, script, *args],
         cwd=cwd,
         env={**os.environ, **(env or {})},
+        preexec_fn=preexec_fn,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import files_of_at_most, run_python
+from conftest import files_of_at_most, run_python, start_in_own_session
 
 from ppo_breakout import CheckpointError, Trainer, find_checkpoint, load_checkpoint
 
@@ -141,14 +141,9 @@ def test_sigkill_while_writing_checkpoints_leaves_a_loadable_checkpoint(script_d
 
 def test_a_checkpoint_that_cannot_be_written_ends_the_run_with_one_line_and_keeps_the_metrics(script_dir):
     args = ["--updates", "6", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1", "--checkpoint-every", "2"]
-    process = subprocess.Popen(
-        [sys.executable, "ppo_breakout.py", *args, "--dashboard", "off"],
-        cwd=script_dir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=files_of_at_most(2**20),  # a checkpoint is ~20 MB, metrics far less
-        start_new_session=True,
+    # a checkpoint is ~20 MB, metrics far less
+    process = start_in_own_session(
+        script_dir, "ppo_breakout.py", *args, "--dashboard", "off", preexec_fn=files_of_at_most(2**20)
     )
     try:
         _, stderr = process.communicate(timeout=300)

@@ -31,8 +31,8 @@ BAD_INPUTS = [
     (["--seed", str(2**64)], "--seed", "less than 2**64"),
     (["--dashboard", "localhost:5005"], "--dashboard", "http(s) URL"),
     (["--dashboard", "http://localhost:port"], "--dashboard", "http(s) URL"),
-    # more than any machine here holds: refused before a worker starts (was an allocator traceback,
-    # or 100,000 forked workers)
+    # more than any machine here holds: refused before a worker starts (was an allocator traceback;
+    # 100,000 workers would have been started)
     (["--worker-steps", "10000000"], "--worker-steps", "GiB of memory"),
     (["--n-workers", "100000"], "--n-workers", "worker processes need about"),
     (["--rollout-threads", str(os.cpu_count() + 1)], "--rollout-threads", f"{os.cpu_count()} CPUs"),
