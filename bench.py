@@ -284,7 +284,7 @@ def main():
             f"config:    {c.game}, {c.n_workers} workers x {c.worker_steps} steps, {c.batches} minibatches, "
             f"epochs {c.epochs}, rollout groups {c.rollout_groups}, device {trainer.device}, "
             f"precision {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}, "
-            f"channels_last {c.channels_last}"
+            f"channels_last {c.channels_last}, reuse freed memory {trainer.reusing_freed_memory}"
             + (f", cuda graphs {trainer.graphs}" if trainer.device.type == "cuda" else "")
         )
 
