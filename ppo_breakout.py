@@ -266,14 +266,15 @@ def config_errors(c: Configs) -> List[Tuple[str, str]]:
 
 
 # Memory a run holds at its peak, measured with bench.py's sum of proportional set sizes on 2 CPU
-# cores (8 workers: 592 MiB at 128 steps and 4 minibatches, 1,163 MiB at 1,024 steps and 16,
-# 3,116 MiB at 1,024 steps and 1) and rounded up. The peak grew by ~71 KiB a sample, more than
-# its 28 KiB of uint8 frames, and by ~260 KiB a minibatch sample: its float input, activations
-# and gradients, alive during its backward pass (on a GPU, in the GPU's memory, not counted here).
-MEMORY_BASE = 256 * 2**20
+# cores (8 workers: 728 MiB at 128 steps and 4 minibatches, 1,613 MiB at 1,024 steps and 16,
+# 3,796 MiB at 1,024 steps and 1) and rounded up. The peak grew by ~116 KiB a sample, more than
+# its 28 KiB of uint8 frames and their NHWC copy, and by ~290 KiB a minibatch sample: its float
+# input, activations and gradients, alive during its backward pass (on a GPU, in the GPU's memory,
+# not counted here).
+MEMORY_BASE = 288 * 2**20
 MEMORY_PER_WORKER = 32 * 2**20
-MEMORY_PER_SAMPLE = 96 * 2**10
-MEMORY_PER_MINIBATCH_SAMPLE = 288 * 2**10
+MEMORY_PER_SAMPLE = 128 * 2**10
+MEMORY_PER_MINIBATCH_SAMPLE = 320 * 2**10
 
 
 def physical_memory() -> Optional[int]:
