@@ -7,7 +7,7 @@ import torch
 from conftest import ROOT, run_python
 from torch.distributions import Categorical
 
-from ppo_breakout import Game, Model, Trainer
+from ppo_breakout import Game, Model, Trainer, gather_rows
 
 SMALL = dict(n_workers=2, worker_steps=16, batches=2, epochs=1, seed=3)
 
@@ -269,3 +269,14 @@ def test_reused_freed_memory_spares_the_minibatches_their_page_faults(tmp_path):
     # with glibc's defaults a minibatch faulted ~12,000 pages (47 MB) in anew on average; with the
     # freed memory kept, ~100 (most minibatches 0 to 10)
     assert float(faults["off"]) > 3000 and float(faults["on"]) < float(faults["off"]) / 10, faults
+
+
+def test_gather_rows_is_indexing_in_either_memory_format():
+    frames = torch.randint(0, 256, (32, 4, 84, 84), dtype=torch.uint8)
+    indexes = torch.randperm(32)[:8]
+    for batch in (frames, frames.contiguous(memory_format=torch.channels_last), torch.randn(32)):
+        rows = gather_rows(batch, indexes)
+        assert torch.equal(rows, batch[indexes])
+        if batch.dim() == 4:
+            nhwc = batch.is_contiguous(memory_format=torch.channels_last)
+            assert rows.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
