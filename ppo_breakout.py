@@ -43,6 +43,22 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+# Python drops a KeyboardInterrupt raised inside some callbacks ("Exception ignored in ...": one
+# runs when an import releases its module lock), and a run started as a script would then go on as
+# if Ctrl-C never came. So until the trainer installs its own handler, Ctrl-C is remembered as well
+# as raised, and `install_stop_handlers` stops the start-up if one was dropped.
+ctrl_c_pressed = False
+
+
+def remember_ctrl_c(signum, frame):
+    global ctrl_c_pressed
+    ctrl_c_pressed = True
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, remember_ctrl_c)
+
 try:
     import numpy as np
     import torch
@@ -1637,6 +1653,8 @@ class StopRequested(Exception):
 def install_stop_handlers(trainer: Trainer):
     """The first Ctrl-C or SIGTERM lets the update finish and ends the run with a checkpoint;
     a second one stops at once (the previous checkpoint stays)."""
+    if ctrl_c_pressed:  # a Ctrl-C during the start-up that Python dropped (see `remember_ctrl_c`)
+        raise KeyboardInterrupt
 
     def handler(signum, frame):
         if trainer.stop_requested:

@@ -181,3 +181,42 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_was_saved(script_dir):
     last_line = stderr.strip().splitlines()[-1]
     expected = f"Stopped at once; no checkpoint yet (one every 50 updates); the metrics are in {run}"
     assert last_line == expected, last_line
+
+
+DROPPED_CTRL_C = """
+import os, runpy, signal, sys, weakref
+from labml import experiment
+
+def drop_a_ctrl_c():
+    # Ctrl-C arrives while a callback runs, as it can while an import releases its module lock:
+    # Python reports the KeyboardInterrupt as "Exception ignored" and goes on
+    class Thing:
+        pass
+    def callback(_):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10000):
+            pass
+    thing = Thing()
+    ref = weakref.ref(thing, callback)
+    del thing
+
+create = experiment.create
+experiment.create = lambda *args, **kwargs: (drop_a_ctrl_c(), create(*args, **kwargs))[1]
+sys.argv = ["ppo_breakout.py", *sys.argv[1:]]
+runpy.run_path("ppo_breakout.py", run_name="__main__")
+"""
+
+
+def test_a_ctrl_c_that_python_drops_during_start_up_still_stops_the_run(script_dir):
+    (script_dir / "drop_ctrl_c.py").write_text(DROPPED_CTRL_C)
+    process = start_in_own_session(script_dir, "drop_ctrl_c.py", *LONG_RUN)
+    try:
+        _, stderr = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert "Exception ignored" in stderr and "KeyboardInterrupt" in stderr, stderr  # it was dropped
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "Stopped at once; no update had finished, so nothing was saved", stderr
+    assert _group_gone(process.pid), "a worker outlived the trainer"
