@@ -210,12 +210,7 @@ runpy.run_path("ppo_breakout.py", run_name="__main__")
 def test_a_ctrl_c_that_python_drops_during_start_up_still_stops_the_run(script_dir):
     (script_dir / "drop_ctrl_c.py").write_text(DROPPED_CTRL_C)
     process = start_in_own_session(script_dir, "drop_ctrl_c.py", *LONG_RUN)
-    try:
-        _, stderr = process.communicate(timeout=90)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+    _, stderr = ctrl_c(process, timeout=90)  # no wait, so no Ctrl-C but the one the wrapper drops
     assert "Exception ignored" in stderr and "KeyboardInterrupt" in stderr, stderr  # it was dropped
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "Stopped at once; no update had finished, so nothing was saved", stderr
