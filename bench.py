@@ -16,6 +16,7 @@ so compare ratios within a run: machines here are shared and noisy.
 """
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -24,7 +25,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 try:
     import numpy as np
@@ -130,6 +131,50 @@ def bench_vector_env(c: "ppo.Configs", steps: int) -> float:
         return env_steps_per_second(env.step, c.n_workers, steps)
     finally:
         env.close()
+
+
+def model_flops(model: torch.nn.Module, device: torch.device) -> Tuple[float, float]:
+    """Floating-point operations for one sample through `model`: its forward pass, and a training
+    step's forward and backward passes, counted from its convolutions and linear layers (2 per
+    multiply-add; activations, losses and Adam are under 1% of it). The backward pass computes
+    each layer's weight gradient, as many multiply-adds as its forward, and each layer's input
+    gradient but the first's: the frames need none."""
+    macs = []  # per layer, in the order the forward pass runs them
+
+    def count(layer, inputs, output):
+        if isinstance(layer, torch.nn.Conv2d):
+            # output[0]: one sample's [out_channels, height, width]
+            macs.append(output[0].numel() * layer.in_channels // layer.groups * math.prod(layer.kernel_size))
+        else:
+            macs.append(layer.out_features * layer.in_features)
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    hooks = [layer.register_forward_hook(count) for layer in layers]
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *ppo.OBS_SHAPE), dtype=torch.uint8, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    forward = 2.0 * sum(macs)
+    return forward, 3 * forward - 2.0 * macs[0]
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matrix product on `device` in `dtype`: near the most the model's
+    convolutions and linear layers, matrix products in all but name, can reach there."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    times = []
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times[1:])
 
 
 def random_policy(c: "ppo.Configs", episodes: int):
@@ -316,6 +361,19 @@ def main():
         print(
             f"loop:      {args.measure * trainer.batch_size / sum(loop):8.0f} env steps/s over "
             f"{args.measure} updates after {args.warmup} warm-up"
+        )
+        # the loop's bound from arithmetic alone: every update's training steps and rollout forward
+        # passes, at the rate of a large matrix product here (measured after the timings)
+        forward, train_step = model_flops(trainer.model, trainer.device)
+        per_update = trainer.batch_size * (trainer.epochs() * train_step + forward) + trainer.n_workers * forward
+        dtype = trainer.autocast_dtype or torch.float32
+        rate = matmul_rate(trainer.device, dtype)
+        print(
+            f"ceiling:  {trainer.batch_size * rate / per_update:8.0f} env steps/s if an update's "
+            f"{per_update / 1e9:.3g} GFLOP ({train_step / 1e6:.1f} MFLOP a sample's training step x "
+            f"{trainer.epochs()} epochs, {forward / 1e6:.1f} its rollout forward) ran at "
+            f"{rate / 1e9:.0f} GFLOP/s, this machine's {'bf16' if dtype == torch.bfloat16 else 'fp32'} "
+            f"matrix product"
         )
         # memory after the timings, over updates of its own: reading every process's smaps_rollup
         # 20 times a second costs enough kernel time to slow the timed work by up to 2x

@@ -29,7 +29,7 @@ def test_bench_prints_every_figure_for_one_configuration():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    for label in ("machine:", "software:", "config:", "rollout:", "update:", "loop:", "memory:"):
+    for label in ("machine:", "software:", "config:", "rollout:", "update:", "loop:", "ceiling:", "memory:"):
         assert label in out, label
     workers, vector, ratio = re.search(
         r"Workers\s+(\d+) steps/s \| AtariVectorEnv\s+(\d+) steps/s \| ratio ([\d.]+)", out
@@ -37,6 +37,31 @@ def test_bench_prints_every_figure_for_one_configuration():
     assert int(workers) > 0 and int(vector) > 0
     assert abs(float(ratio) - int(workers) / int(vector)) < 0.01
     assert "2 workers x 16 steps" in out
+    # the arithmetic bound: 32 samples x (1 epoch's training step + a rollout forward), plus the
+    # 2 bootstrap forwards, at the matrix-product rate it measured
+    ceiling, gflop, train, forward, rate = re.search(
+        r"ceiling:\s+(\d+) env steps/s if an update's ([\d.]+) GFLOP \(([\d.]+) MFLOP a sample's training step "
+        r"x 1 epochs, ([\d.]+) its rollout forward\) ran at (\d+) GFLOP/s, this machine's fp32 matrix product",
+        out,
+    ).groups()
+    assert (float(train), float(forward)) == (49.5, 18.7)
+    assert float(gflop) == pytest.approx((32 * (49.5196 + 18.6911) + 2 * 18.6911) / 1e3, rel=0.01)
+    assert int(ceiling) == pytest.approx(32 * int(rate) / float(gflop), rel=0.02)
+
+
+def test_model_flops_are_the_nature_cnns_multiply_adds_counted_by_hand():
+    import torch
+
+    import ppo_breakout as ppo
+
+    conv1 = 20 * 20 * 32 * (4 * 8 * 8)  # 84x84x4 -> 20x20x32, 8x8 kernels
+    conv2 = 9 * 9 * 64 * (32 * 4 * 4)
+    conv3 = 7 * 7 * 64 * (64 * 3 * 3)
+    linear = 3136 * 512 + 512 * 4 + 512 * 1  # the shared layer, pi's logits over 4 actions, V
+    forward, train_step = bench.model_flops(ppo.Model(4), torch.device("cpu"))
+    assert forward == 2 * (conv1 + conv2 + conv3 + linear)
+    # backward: every weight gradient, every input gradient but the frames'
+    assert train_step == 3 * forward - 2 * conv1
 
 
 def test_random_policy_baseline_is_printed():
