@@ -11,7 +11,9 @@ Speed of ppo_breakout on this machine, measured with the real Worker and Trainer
 Prints, for one configuration: env-only steps/s through our Workers and through ale-py's C++
 AtariVectorEnv with the same games and preprocessing (side by side, with the ratio); rollout
 steps/s with the model in the loop; update samples/s; whole-loop env steps/s over several updates
-after a warm-up; and the peak memory of all processes. Figures are medians or totals of one run,
+after a warm-up; the ceiling that arithmetic alone puts on the loop (the model's FLOPs for an
+update, at this machine's measured matrix-product rate); and the peak memory of all processes.
+Figures are medians or totals of one run,
 so compare ratios within a run: machines here are shared and noisy.
 """
 
