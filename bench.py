@@ -21,6 +21,7 @@ import argparse
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import threading
@@ -207,13 +208,36 @@ def learn(argv, steps: int, target: float) -> int:
     folder = Path(__file__).resolve().parent
     before = set(folder.glob("logs/ppo_breakout/*"))
     start = time.time()
-    with subprocess.Popen([sys.executable, str(folder / "ppo_breakout.py"), *argv, "--updates", str(updates)]) as p:
-        while True:
-            try:
-                code = p.wait()
-                break
-            except KeyboardInterrupt:
-                pass  # the training got the same Ctrl-C: let it finish its update and checkpoint
+    # The training runs in its own process group, so each stop reaches it once and from here: a
+    # Ctrl-C at the terminal (which goes to bench.py's group), a SIGINT or SIGTERM sent to
+    # bench.py alone, or the terminal hanging up (passed on as SIGTERM). The training
+    # then ends its update with a checkpoint; a second signal, as for the training alone, stops
+    # it at once. Outside the terminal's foreground group it must not be stopped for writing to
+    # it (`stty tostop`): it inherits SIGTTOU ignored, and reads nothing from the terminal.
+    command = [sys.executable, str(folder / "ppo_breakout.py"), *argv, "--updates", str(updates)]
+    training, pending = [], []
+
+    def pass_on(signum, frame):
+        signum = signal.SIGTERM if signum == signal.SIGHUP else signum
+        if training:
+            training[0].send_signal(signum)
+        else:
+            pending.append(signum)  # before the training started: sent as soon as it has
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, pass_on) for signum in stops}
+    ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        with subprocess.Popen(command, process_group=0, stdin=subprocess.DEVNULL) as p:
+            signal.signal(signal.SIGTTOU, ttou)
+            training.append(p)
+            for signum in pending:
+                p.send_signal(signum)
+            code = p.wait()
+    finally:
+        signal.signal(signal.SIGTTOU, ttou)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     runs = set(folder.glob("logs/ppo_breakout/*")) - before
     if len(runs) != 1 or not (next(iter(runs)) / "metrics.jsonl").exists():
         return code  # it stopped before its first update; it said why

@@ -1,10 +1,12 @@
+import contextlib
 import json
 import os
 import re
+import signal
 import time
 
 import pytest
-from conftest import ROOT, copy_script, ctrl_c, run_python, start_in_own_session, wait_for_first_update
+from conftest import ROOT, child_pids, copy_script, ctrl_c, run_python, start_in_own_session, wait_for_first_update
 
 import bench
 
@@ -140,7 +142,7 @@ def test_ctrl_c_during_learn_keeps_the_training_checkpoint_and_summarises_it(tmp
     copy_script(tmp_path, "bench.py")
     args = ["--learn", "--steps", "100000", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1"]
     process = start_in_own_session(tmp_path, "bench.py", *args)
-    # Ctrl-C reaches bench.py and the training alike
+    # Ctrl-C reaches bench.py, which passes it on to the training once
     stdout, stderr = ctrl_c(process, lambda: wait_for_first_update(tmp_path, process))
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
@@ -148,6 +150,36 @@ def test_ctrl_c_during_learn_keeps_the_training_checkpoint_and_summarises_it(tmp
     last_update = len((run / "metrics.jsonl").read_text().splitlines())
     assert (run / "checkpoints" / f"update_{last_update:07d}.pt").exists()
     assert f"learn: run {run.name}, exit 130, steps {32 * last_update}, updates {last_update}," in stdout
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_sent_to_learn_alone_reaches_the_training_once(tmp_path, signum, code):
+    # `kill -INT` or `kill -TERM` of bench.py's pid, not of its process group: before, SIGINT was
+    # ignored and SIGTERM killed bench.py, leaving the training running on its own
+    copy_script(tmp_path, "bench.py")
+    args = ["--learn", "--steps", "100000", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1"]
+    process = start_in_own_session(tmp_path, "bench.py", *args)
+    groups = [process.pid]
+    try:
+        wait_for_first_update(tmp_path, process)
+        (training,) = child_pids(process.pid)
+        groups.append(training)
+        os.kill(process.pid, signum)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+    assert process.returncode == code, stderr[-2000:]
+    # once: the training ended its update with a checkpoint rather than stopping at once
+    assert "again to stop at once" in stderr and "Stopped at once" not in stderr, stderr[-2000:]
+    (run,) = tmp_path.glob("logs/ppo_breakout/*")
+    last_update = len((run / "metrics.jsonl").read_text().splitlines())
+    assert (run / "checkpoints" / f"update_{last_update:07d}.pt").exists()
+    assert f"learn: run {run.name}, exit {code}, steps {32 * last_update}, updates {last_update}," in stdout
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # the training and its workers are gone
+        os.killpg(training, 0)
 
 
 @pytest.mark.parametrize(
