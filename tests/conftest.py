@@ -78,12 +78,19 @@ def start_in_own_session(
     cwd: Path, script: str, *args, env: Optional[dict] = None, preexec_fn=None
 ) -> subprocess.Popen:
     """`python script args...` in a new process group, so a test can send it the terminal's Ctrl-C;
-    `env` adds to the environment."""
+    `env` adds to the environment. SIGINT starts at its default, as in a terminal, even where the
+    tests themselves run with it ignored (a background job of a script, `bash .ci/run &`)."""
+
+    def as_in_a_terminal():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec_fn:
+            preexec_fn()
+
     return subprocess.Popen(
         [sys.executable, script, *args],
         cwd=cwd,
         env={**os.environ, **(env or {})},
-        preexec_fn=preexec_fn,
+        preexec_fn=as_in_a_terminal,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
