@@ -210,21 +210,25 @@ def learn(argv, steps: int, target: float) -> int:
     start = time.time()
     # The training runs in its own process group, so each stop reaches it once and from here: a
     # Ctrl-C at the terminal (which goes to bench.py's group), a SIGINT or SIGTERM sent to
-    # bench.py alone, or the terminal hanging up (passed on as SIGTERM). The training
-    # then ends its update with a checkpoint; a second signal, as for the training alone, stops
-    # it at once. Outside the terminal's foreground group it must not be stopped for writing to
-    # it (`stty tostop`): it inherits SIGTTOU ignored, and reads nothing from the terminal.
+    # bench.py alone, or the terminal's hang-up (unless `nohup` ignores it). The training then
+    # ends its update with a checkpoint; a second signal, as for the training alone, stops it at
+    # once. Outside the terminal's foreground group it must not be stopped for writing to it
+    # (`stty tostop`): it inherits SIGTTOU ignored, and reads nothing from the terminal.
     command = [sys.executable, str(folder / "ppo_breakout.py"), *argv, "--updates", str(updates)]
     training, pending = [], []
+    terminal = [fd for fd in (0, 1, 2) if os.isatty(fd)]  # asked now: after a hang-up it says no
 
     def pass_on(signum, frame):
-        signum = signal.SIGTERM if signum == signal.SIGHUP else signum
+        if signum == signal.SIGHUP:
+            ppo.leave_terminal(terminal)  # its lines would fail; the run's files keep them
         if training:
             training[0].send_signal(signum)
         else:
             pending.append(signum)  # before the training started: sent as soon as it has
 
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    stops = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # not under `nohup`
+        stops.append(signal.SIGHUP)
     previous = {signum: signal.signal(signum, pass_on) for signum in stops}
     ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     try:

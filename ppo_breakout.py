@@ -145,7 +145,7 @@ class Configs:
     # than running them (H200, default configuration: loop 3,524 and 3,789 env steps/s against
     # 1,734 and 1,982 without; a minibatch 1 ms against 5 to 6). Ignored on the CPU
     cuda_graphs: bool = True
-    # a checkpoint every this many updates (and at the end, and on Ctrl-C / SIGTERM)
+    # a checkpoint every this many updates (and at the end, and on Ctrl-C / SIGTERM / hang-up)
     checkpoint_every: int = 50
     # the newest checkpoints kept in the run folder; older ones are deleted
     keep_checkpoints: int = 3
@@ -180,7 +180,7 @@ HELP = {
     "rollout_groups": "groups of workers that take turns, so games step while the model picks the "
     "next group's actions (1: all in lockstep)",
     "cuda_graphs": "on a CUDA GPU, replay the update's minibatch step and the rollout's forward pass as CUDA graphs",
-    "checkpoint_every": "updates between checkpoints (also saved at the end and on Ctrl-C/SIGTERM)",
+    "checkpoint_every": "updates between checkpoints (also saved at the end and on Ctrl-C/SIGTERM/hang-up)",
     "keep_checkpoints": "how many of the newest checkpoints to keep",
 }
 
@@ -576,8 +576,10 @@ def worker_process(
     game: str,
     clip_rewards: bool,
 ):
-    # Ctrl-C goes to the whole process group: the trainer handles it and closes us
+    # Ctrl-C and a terminal's hang-up go to the whole process group: the trainer handles them
+    # and closes us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     slots = np.frombuffer(slots_buffer, dtype=np.float64)
     obs = np.frombuffer(obs_buffer, dtype=np.uint8).reshape(OBS_SHAPE)
@@ -988,7 +990,7 @@ class Trainer:
         self.log_pis = torch.zeros((n, t), dtype=torch.float32, device=self.device)
         self.values = torch.zeros((n, t + 1), dtype=torch.float32, device=self.device)
 
-        self.stop_requested = False  # set by Ctrl-C / SIGTERM: stop after the current update
+        self.stop_requested = False  # set by Ctrl-C / SIGTERM / SIGHUP: stop after the current update
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
 
@@ -1647,16 +1649,30 @@ def fail(prog: str, message: str) -> int:
 
 
 class StopRequested(Exception):
-    """A second Ctrl-C or SIGTERM: stop now, without waiting for the update to end."""
+    """A second Ctrl-C, SIGTERM or SIGHUP: stop now, without waiting for the update to end."""
+
+
+def leave_terminal(fds: List[int]):
+    """Point `fds`, the terminal's, at /dev/null: after a hang-up every write to the terminal fails
+    (EIO), and the run still has its update and checkpoint to write."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in fds:
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def install_stop_handlers(trainer: Trainer):
-    """The first Ctrl-C or SIGTERM lets the update finish and ends the run with a checkpoint;
-    a second one stops at once (the previous checkpoint stays)."""
+    """The first Ctrl-C, SIGTERM or hang-up (SIGHUP: the terminal closed, an ssh connection
+    dropped) lets the update finish and ends the run with a checkpoint; a second one stops at
+    once (the previous checkpoint stays). Under `nohup`, which ignores SIGHUP, a hang-up stays
+    ignored."""
     if ctrl_c_pressed:  # a Ctrl-C during the start-up that Python dropped (see `remember_ctrl_c`)
         raise KeyboardInterrupt
+    terminal = [fd for fd in (0, 1, 2) if os.isatty(fd)]  # asked now: after a hang-up it says no
 
     def handler(signum, frame):
+        if signum == signal.SIGHUP:
+            leave_terminal(terminal)
         if trainer.stop_requested:
             raise StopRequested(signum)
         trainer.stop_requested = signum
@@ -1668,6 +1684,8 @@ def install_stop_handlers(trainer: Trainer):
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, handler)
 
 
 DASHBOARD_URL = "http://127.0.0.1:5005"  # where `python ppo_breakout.py dashboard` listens

@@ -1,5 +1,6 @@
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -108,6 +109,37 @@ def ctrl_c(process: subprocess.Popen, *waits, timeout: float = 60) -> Tuple[str,
             with contextlib.suppress(ProcessLookupError):  # it ended already: the test's checks say so
                 os.killpg(process.pid, signal.SIGINT)
         return process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def hang_up_after_first_update(cwd: Path, script: str, *args, timeout: float = 120) -> Tuple[subprocess.Popen, set]:
+    """Run `python script args...` in a new session on a pseudo-terminal until a run under `cwd`
+    has written its first update, then hang up as a dropped ssh connection does: the terminal goes
+    (writes to it fail) and the shell sends its job's process group one SIGHUP. Returns the ended
+    process and the pids of its descendants just before the hang-up."""
+    terminal, its_end = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, script, *args], cwd=cwd, stdin=its_end, stdout=its_end, stderr=its_end, start_new_session=True
+    )
+    os.close(its_end)
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while not list(cwd.glob("logs/ppo_breakout/*/metrics.jsonl")):
+            assert process.poll() is None and time.monotonic() < deadline, output.decode(errors="replace")[-2000:]
+            if select.select([terminal], [], [], 0.2)[0]:
+                output += os.read(terminal, 65536)
+        descendants, parents = set(), [process.pid]
+        while parents:
+            children = set().union(*(child_pids(p) for p in parents))
+            descendants |= children
+            parents = list(children)
+        os.close(terminal)
+        os.killpg(process.pid, signal.SIGHUP)
+        process.wait(timeout=60)
+        return process, descendants
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

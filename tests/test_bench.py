@@ -6,7 +6,16 @@ import signal
 import time
 
 import pytest
-from conftest import ROOT, child_pids, copy_script, ctrl_c, run_python, start_in_own_session, wait_for_first_update
+from conftest import (
+    ROOT,
+    child_pids,
+    copy_script,
+    ctrl_c,
+    hang_up_after_first_update,
+    run_python,
+    start_in_own_session,
+    wait_for_first_update,
+)
 
 import bench
 
@@ -152,7 +161,7 @@ def test_ctrl_c_during_learn_keeps_the_training_checkpoint_and_summarises_it(tmp
     assert f"learn: run {run.name}, exit 130, steps {32 * last_update}, updates {last_update}," in stdout
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_a_stop_sent_to_learn_alone_reaches_the_training_once(tmp_path, signum, code):
     # `kill -INT` or `kill -TERM` of bench.py's pid, not of its process group: before, SIGINT was
     # ignored and SIGTERM killed bench.py, leaving the training running on its own
@@ -180,6 +189,19 @@ def test_a_stop_sent_to_learn_alone_reaches_the_training_once(tmp_path, signum, 
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # the training and its workers are gone
         os.killpg(training, 0)
+
+
+def test_a_terminal_hang_up_during_learn_ends_the_training_with_a_checkpoint(tmp_path):
+    copy_script(tmp_path, "bench.py")
+    args = ["--learn", "--steps", "100000", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1"]
+    process, descendants = hang_up_after_first_update(tmp_path, "bench.py", *args)
+    assert len(descendants) == 3  # the training and its 2 workers
+    assert process.returncode == 128 + signal.SIGHUP
+    time.sleep(0.5)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in descendants)
+    (run,) = tmp_path.glob("logs/ppo_breakout/*")
+    last_update = len((run / "metrics.jsonl").read_text().splitlines())
+    assert (run / "checkpoints" / f"update_{last_update:07d}.pt").exists()
 
 
 @pytest.mark.parametrize(

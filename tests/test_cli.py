@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import child_pids, ctrl_c, run_python, start_in_own_session, wait_for_first_update
+from conftest import (
+    child_pids,
+    ctrl_c,
+    hang_up_after_first_update,
+    run_python,
+    start_in_own_session,
+    wait_for_first_update,
+)
 
 BAD_INPUTS = [
     (["--updates", "0"], "--updates", "positive"),
@@ -142,6 +149,39 @@ def test_ctrl_c_and_sigterm_end_the_run_cleanly(script_dir, sig, code):
     (run,) = script_dir.glob("logs/ppo_breakout/*")
     last_update = len((run / "metrics.jsonl").read_text().splitlines())
     assert (run / "checkpoints" / f"update_{last_update:07d}.pt").exists()
+
+
+def test_a_terminal_hang_up_ends_the_run_with_a_checkpoint(script_dir):
+    # before, SIGHUP killed the trainer and its workers mid-update: up to 49 updates since the
+    # last checkpoint were lost
+    process, workers = hang_up_after_first_update(script_dir, "ppo_breakout.py", *LONG_RUN)
+    assert len(workers) == 2
+    assert process.returncode == 128 + signal.SIGHUP
+    time.sleep(0.5)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    (run,) = script_dir.glob("logs/ppo_breakout/*")
+    last_update = len((run / "metrics.jsonl").read_text().splitlines())
+    assert (run / "checkpoints" / f"update_{last_update:07d}.pt").exists()
+
+
+def test_nohup_keeps_a_run_going_through_a_hang_up(script_dir):
+    # `nohup python ppo_breakout.py` starts it with SIGHUP ignored: the run must keep that
+    process = start_in_own_session(
+        script_dir,
+        "ppo_breakout.py",
+        *LONG_RUN,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    try:
+        wait_for_first_update(script_dir, process)
+        os.killpg(process.pid, signal.SIGHUP)
+        time.sleep(2)
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert len(child_pids(process.pid)) == 2
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
 
 
 def _group_gone(pgid: int, timeout: float = 10) -> bool:
