@@ -75,15 +75,22 @@ def copy_script(folder: Path, *also: str) -> Path:
     return folder
 
 
+def signals_as_in_a_terminal():
+    """SIGINT and SIGHUP at their defaults, as for a program started at a terminal, even where the
+    tests themselves run with them ignored (a background job of a script ignores SIGINT, `nohup`
+    SIGHUP), which their programs would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def start_in_own_session(
     cwd: Path, script: str, *args, env: Optional[dict] = None, preexec_fn=None
 ) -> subprocess.Popen:
     """`python script args...` in a new process group, so a test can send it the terminal's Ctrl-C;
-    `env` adds to the environment. SIGINT starts at its default, as in a terminal, even where the
-    tests themselves run with it ignored (a background job of a script, `bash .ci/run &`)."""
+    `env` adds to the environment."""
 
     def as_in_a_terminal():
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signals_as_in_a_terminal()
         if preexec_fn:
             preexec_fn()
 
@@ -121,7 +128,13 @@ def hang_up_after_first_update(cwd: Path, script: str, *args, timeout: float = 1
     process and the pids of its descendants just before the hang-up."""
     terminal, its_end = os.openpty()
     process = subprocess.Popen(
-        [sys.executable, script, *args], cwd=cwd, stdin=its_end, stdout=its_end, stderr=its_end, start_new_session=True
+        [sys.executable, script, *args],
+        cwd=cwd,
+        stdin=its_end,
+        stdout=its_end,
+        stderr=its_end,
+        start_new_session=True,
+        preexec_fn=signals_as_in_a_terminal,
     )
     os.close(its_end)
     output = b""
