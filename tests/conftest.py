@@ -158,6 +158,14 @@ def hang_up_after_first_update(cwd: Path, script: str, *args, timeout: float = 1
             os.killpg(process.pid, signal.SIGKILL)
 
 
+def checkpointed_last_update(folder: Path) -> Tuple[Path, int]:
+    """The one run under `folder` and its last update, which it ended with a checkpoint of."""
+    (run,) = folder.glob("logs/ppo_breakout/*")
+    last_update = len((run / "metrics.jsonl").read_text().splitlines())
+    assert (run / "checkpoints" / f"update_{last_update:07d}.pt").exists()
+    return run, last_update
+
+
 def wait_for_first_update(folder: Path, process: subprocess.Popen, timeout: float = 120):
     """Wait until a run under `folder` has written its first update's metrics."""
     deadline = time.monotonic() + timeout

@@ -8,6 +8,7 @@ import time
 import pytest
 from conftest import (
     ROOT,
+    checkpointed_last_update,
     child_pids,
     copy_script,
     ctrl_c,
@@ -155,9 +156,7 @@ def test_ctrl_c_during_learn_keeps_the_training_checkpoint_and_summarises_it(tmp
     stdout, stderr = ctrl_c(process, lambda: wait_for_first_update(tmp_path, process))
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
-    (run,) = tmp_path.glob("logs/ppo_breakout/*")
-    last_update = len((run / "metrics.jsonl").read_text().splitlines())
-    assert (run / "checkpoints" / f"update_{last_update:07d}.pt").exists()
+    run, last_update = checkpointed_last_update(tmp_path)
     assert f"learn: run {run.name}, exit 130, steps {32 * last_update}, updates {last_update}," in stdout
 
 
@@ -182,9 +181,7 @@ def test_a_stop_sent_to_learn_alone_reaches_the_training_once(tmp_path, signum, 
     assert process.returncode == code, stderr[-2000:]
     # once: the training ended its update with a checkpoint rather than stopping at once
     assert "again to stop at once" in stderr and "Stopped at once" not in stderr, stderr[-2000:]
-    (run,) = tmp_path.glob("logs/ppo_breakout/*")
-    last_update = len((run / "metrics.jsonl").read_text().splitlines())
-    assert (run / "checkpoints" / f"update_{last_update:07d}.pt").exists()
+    run, last_update = checkpointed_last_update(tmp_path)
     assert f"learn: run {run.name}, exit {code}, steps {32 * last_update}, updates {last_update}," in stdout
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # the training and its workers are gone
@@ -199,9 +196,7 @@ def test_a_terminal_hang_up_during_learn_ends_the_training_with_a_checkpoint(tmp
     assert process.returncode == 128 + signal.SIGHUP
     time.sleep(0.5)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in descendants)
-    (run,) = tmp_path.glob("logs/ppo_breakout/*")
-    last_update = len((run / "metrics.jsonl").read_text().splitlines())
-    assert (run / "checkpoints" / f"update_{last_update:07d}.pt").exists()
+    checkpointed_last_update(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    checkpointed_last_update,
     child_pids,
     ctrl_c,
     hang_up_after_first_update,
@@ -146,9 +147,7 @@ def test_ctrl_c_and_sigterm_end_the_run_cleanly(script_dir, sig, code):
     time.sleep(0.5)
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
     # the run ended with a checkpoint of its last update, and its metrics
-    (run,) = script_dir.glob("logs/ppo_breakout/*")
-    last_update = len((run / "metrics.jsonl").read_text().splitlines())
-    assert (run / "checkpoints" / f"update_{last_update:07d}.pt").exists()
+    checkpointed_last_update(script_dir)
 
 
 def test_a_terminal_hang_up_ends_the_run_with_a_checkpoint(script_dir):
@@ -159,9 +158,7 @@ def test_a_terminal_hang_up_ends_the_run_with_a_checkpoint(script_dir):
     assert process.returncode == 128 + signal.SIGHUP
     time.sleep(0.5)
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
-    (run,) = script_dir.glob("logs/ppo_breakout/*")
-    last_update = len((run / "metrics.jsonl").read_text().splitlines())
-    assert (run / "checkpoints" / f"update_{last_update:07d}.pt").exists()
+    checkpointed_last_update(script_dir)
 
 
 def test_nohup_keeps_a_run_going_through_a_hang_up(script_dir):
