@@ -13,8 +13,8 @@ AtariVectorEnv with the same games and preprocessing (side by side, with the rat
 steps/s with the model in the loop; update samples/s; whole-loop env steps/s over several updates
 after a warm-up; the ceiling that arithmetic alone puts on the loop (the model's FLOPs for an
 update, at this machine's measured matrix-product rate); and the peak memory of all processes.
-Figures are medians or totals of one run,
-so compare ratios within a run: machines here are shared and noisy.
+Figures are medians or totals of one run, so compare ratios within a run: machines here are
+shared and noisy.
 """
 
 import argparse
