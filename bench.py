@@ -216,20 +216,17 @@ def learn(argv, steps: int, target: float) -> int:
     # (`stty tostop`): it inherits SIGTTOU ignored, and reads nothing from the terminal.
     command = [sys.executable, str(folder / "ppo_breakout.py"), *argv, "--updates", str(updates)]
     training, pending = [], []
-    terminal = [fd for fd in (0, 1, 2) if os.isatty(fd)]  # asked now: after a hang-up it says no
+    leave_terminal = ppo.terminal_leaver()
 
     def pass_on(signum, frame):
         if signum == signal.SIGHUP:
-            ppo.leave_terminal(terminal)  # its lines would fail; the run's files keep them
+            leave_terminal()  # its lines would fail; the run's files keep them
         if training:
             training[0].send_signal(signum)
         else:
             pending.append(signum)  # before the training started: sent as soon as it has
 
-    stops = [signal.SIGINT, signal.SIGTERM]
-    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # not under `nohup`
-        stops.append(signal.SIGHUP)
-    previous = {signum: signal.signal(signum, pass_on) for signum in stops}
+    previous = {signum: signal.signal(signum, pass_on) for signum in ppo.stop_signals()}
     ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     try:
         with subprocess.Popen(command, process_group=0, stdin=subprocess.DEVNULL) as p:
@@ -348,7 +345,7 @@ def main():
     # the Trainer's dynamic hyperparameters outside a labml experiment: fine here, nothing to steer
     warnings.filterwarnings("ignore", message="Register dynamic schedules")
     with ppo.Trainer(c) as trainer:
-        dtype = trainer.autocast_dtype
+        dtype = trainer.autocast_dtype or torch.float32  # what the model computes in
         print(f"machine:   {machine()}")
         gpu = f", GPU {torch.cuda.get_device_name(trainer.device)}" if trainer.device.type == "cuda" else ""
         print(
@@ -396,7 +393,6 @@ def main():
         # passes, at the rate of a large matrix product here (measured after the timings)
         forward, train_step = model_flops(trainer.model, trainer.device)
         per_update = trainer.batch_size * (trainer.epochs() * train_step + forward) + trainer.n_workers * forward
-        dtype = trainer.autocast_dtype or torch.float32
         rate = matmul_rate(trainer.device, dtype)
         print(
             f"ceiling:  {trainer.batch_size * rate / per_update:8.0f} env steps/s if an update's "

@@ -1652,13 +1652,28 @@ class StopRequested(Exception):
     """A second Ctrl-C, SIGTERM or SIGHUP: stop now, without waiting for the update to end."""
 
 
-def leave_terminal(fds: List[int]):
-    """Point `fds`, the terminal's, at /dev/null: after a hang-up every write to the terminal fails
-    (EIO), and the run still has its update and checkpoint to write."""
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in fds:
-        os.dup2(devnull, fd)
-    os.close(devnull)
+def stop_signals() -> List[int]:
+    """The signals that stop a run: Ctrl-C, SIGTERM, and a terminal's hang-up unless the run was
+    started under `nohup`, which ignores it."""
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signals.append(signal.SIGHUP)
+    return signals
+
+
+def terminal_leaver() -> Callable[[], None]:
+    """A function that points stdin, stdout and stderr, those of them that are the terminal now
+    (after a hang-up `isatty` says no), at /dev/null: after a hang-up every write to the terminal
+    fails (EIO), and the run still has its update and checkpoint to write."""
+    fds = [fd for fd in (0, 1, 2) if os.isatty(fd)]
+
+    def leave_terminal():
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in fds:
+            os.dup2(devnull, fd)
+        os.close(devnull)
+
+    return leave_terminal
 
 
 def install_stop_handlers(trainer: Trainer):
@@ -1668,11 +1683,11 @@ def install_stop_handlers(trainer: Trainer):
     ignored."""
     if ctrl_c_pressed:  # a Ctrl-C during the start-up that Python dropped (see `remember_ctrl_c`)
         raise KeyboardInterrupt
-    terminal = [fd for fd in (0, 1, 2) if os.isatty(fd)]  # asked now: after a hang-up it says no
+    leave_terminal = terminal_leaver()
 
     def handler(signum, frame):
         if signum == signal.SIGHUP:
-            leave_terminal(terminal)
+            leave_terminal()
         if trainer.stop_requested:
             raise StopRequested(signum)
         trainer.stop_requested = signum
@@ -1682,10 +1697,8 @@ def install_stop_handlers(trainer: Trainer):
             flush=True,
         )
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, handler)
+    for signum in stop_signals():
+        signal.signal(signum, handler)
 
 
 DASHBOARD_URL = "http://127.0.0.1:5005"  # where `python ppo_breakout.py dashboard` listens

@@ -20,6 +20,9 @@ from conftest import (
 
 import bench
 
+# a learning run far longer than any test waits for: the tests stop it
+LONG_LEARN = ("--learn", "--steps", "100000", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1")
+
 
 def test_bench_prints_every_figure_for_one_configuration():
     result = run_python(
@@ -150,8 +153,7 @@ def test_ctrl_c_while_bench_loads_exits_130_in_one_line(tmp_path):
 
 def test_ctrl_c_during_learn_keeps_the_training_checkpoint_and_summarises_it(tmp_path):
     copy_script(tmp_path, "bench.py")
-    args = ["--learn", "--steps", "100000", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1"]
-    process = start_in_own_session(tmp_path, "bench.py", *args)
+    process = start_in_own_session(tmp_path, "bench.py", *LONG_LEARN)
     # Ctrl-C reaches bench.py, which passes it on to the training once
     stdout, stderr = ctrl_c(process, lambda: wait_for_first_update(tmp_path, process))
     assert process.returncode == 130, stderr[-2000:]
@@ -165,8 +167,7 @@ def test_a_stop_sent_to_learn_alone_reaches_the_training_once(tmp_path, signum, 
     # `kill -INT` or `kill -TERM` of bench.py's pid, not of its process group: before, SIGINT was
     # ignored and SIGTERM killed bench.py, leaving the training running on its own
     copy_script(tmp_path, "bench.py")
-    args = ["--learn", "--steps", "100000", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1"]
-    process = start_in_own_session(tmp_path, "bench.py", *args)
+    process = start_in_own_session(tmp_path, "bench.py", *LONG_LEARN)
     groups = [process.pid]
     try:
         wait_for_first_update(tmp_path, process)
@@ -190,8 +191,7 @@ def test_a_stop_sent_to_learn_alone_reaches_the_training_once(tmp_path, signum, 
 
 def test_a_terminal_hang_up_during_learn_ends_the_training_with_a_checkpoint(tmp_path):
     copy_script(tmp_path, "bench.py")
-    args = ["--learn", "--steps", "100000", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1"]
-    process, descendants = hang_up_after_first_update(tmp_path, "bench.py", *args)
+    process, descendants = hang_up_after_first_update(tmp_path, "bench.py", *LONG_LEARN)
     assert len(descendants) == 3  # the training and its 2 workers
     assert process.returncode == 128 + signal.SIGHUP
     time.sleep(0.5)
