@@ -50,9 +50,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 ctrl_c_pressed = False
 
 
-def remember_ctrl_c(signum, frame):
+def note_ctrl_c(signum, frame):
     global ctrl_c_pressed
     ctrl_c_pressed = True
+
+
+def remember_ctrl_c(signum, frame):
+    note_ctrl_c(signum, frame)
     raise KeyboardInterrupt
 
 
@@ -70,6 +74,11 @@ try:
 except KeyboardInterrupt:  # Ctrl-C in the second or two torch takes to load: nothing exists yet
     print("\nStopped by Ctrl-C while loading; nothing was started", file=sys.stderr)
     sys.exit(128 + signal.SIGINT)
+
+if __name__ == "__main__":
+    # the rest of the module only defines things, in milliseconds, outside any handling of
+    # KeyboardInterrupt: a Ctrl-C there is noted, and raised where `main` starts (at the end)
+    signal.signal(signal.SIGINT, note_ctrl_c)
 
 # ## Configuration
 #
@@ -1998,6 +2007,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 if __name__ == "__main__":
     try:
+        signal.signal(signal.SIGINT, remember_ctrl_c)
+        if ctrl_c_pressed:  # while the module was defining things
+            raise KeyboardInterrupt
         sys.exit(main())
     except KeyboardInterrupt:  # before a command's own handling starts (each has its own after)
         print("\nStopped by Ctrl-C while starting; nothing was saved", file=sys.stderr)

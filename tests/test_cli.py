@@ -252,3 +252,30 @@ def test_a_ctrl_c_that_python_drops_during_start_up_still_stops_the_run(script_d
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "Stopped at once; no update had finished, so nothing was saved", stderr
     assert _group_gone(process.pid), "a worker outlived the trainer"
+
+
+CTRL_C_WHILE_DEFINING = """
+import dataclasses, os, runpy, signal, sys
+
+dataclass = dataclasses.dataclass
+
+def ctrl_c_then_dataclass(*args, **kwargs):
+    # Ctrl-C after the imports (which use dataclasses too), while the module defines Configs
+    if args and getattr(args[0], "__name__", None) == "Configs":
+        os.kill(os.getpid(), signal.SIGINT)
+    return dataclass(*args, **kwargs)
+
+dataclasses.dataclass = ctrl_c_then_dataclass
+sys.argv = ["ppo_breakout.py", *sys.argv[1:]]
+runpy.run_path("ppo_breakout.py", run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_the_module_defines_its_classes_exits_130_with_one_line(script_dir):
+    # before, the KeyboardInterrupt came out of the Configs dataclass as a traceback (CI, once)
+    (script_dir / "ctrl_c_while_defining.py").write_text(CTRL_C_WHILE_DEFINING)
+    process = start_in_own_session(script_dir, "ctrl_c_while_defining.py", *LONG_RUN)
+    _, stderr = ctrl_c(process, timeout=90)  # no wait: the only Ctrl-C is the wrapper's
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["Stopped by Ctrl-C while starting; nothing was saved"], stderr
+    assert _group_gone(process.pid)
