@@ -30,14 +30,13 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-try:
-    import numpy as np
-    import torch
+import numpy as np
+import torch
 
-    import ppo_breakout as ppo
-except KeyboardInterrupt:  # Ctrl-C while torch loads: nothing was measured yet
-    print("bench.py: stopped by Ctrl-C while loading; nothing was measured", file=sys.stderr)
-    sys.exit(130)
+import cli
+import ppo_breakout as ppo
+from plots import read_metrics
+from run_files import RunFileError
 
 # CleanRL's ppo_atari.py after 1M steps of Breakout, seed 1, on this project's 2-core CPU class:
 # the mean whole-game score of its last 100 games, the learning check's bar
@@ -203,7 +202,7 @@ def learn(argv, steps: int, target: float) -> int:
     from metrics.jsonl, in one line whose format stays the same so runs can be compared."""
     import subprocess
 
-    c = ppo.configs_from(vars(ppo.build_parser().parse_args(argv)))
+    c = cli.configs_from(vars(cli.build_parser().parse_args(argv)))
     updates = -(-steps // (c.n_workers * c.worker_steps))
     folder = Path(__file__).resolve().parent
     before = set(folder.glob("logs/ppo_breakout/*"))
@@ -216,7 +215,7 @@ def learn(argv, steps: int, target: float) -> int:
     # (`stty tostop`): it inherits SIGTTOU ignored, and reads nothing from the terminal.
     command = [sys.executable, str(folder / "ppo_breakout.py"), *argv, "--updates", str(updates)]
     training, pending = [], []
-    leave_terminal = ppo.terminal_leaver()
+    leave_terminal = cli.terminal_leaver()
 
     def pass_on(signum, frame):
         if signum == signal.SIGHUP:
@@ -226,7 +225,7 @@ def learn(argv, steps: int, target: float) -> int:
         else:
             pending.append(signum)  # before the training started: sent as soon as it has
 
-    previous = {signum: signal.signal(signum, pass_on) for signum in ppo.stop_signals()}
+    previous = {signum: signal.signal(signum, pass_on) for signum in cli.stop_signals()}
     ttou = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     try:
         with subprocess.Popen(command, process_group=0, stdin=subprocess.DEVNULL) as p:
@@ -257,11 +256,11 @@ def summarise(
     """One line for a run folder; without `wall`, the wall time is read from its metrics. A
     second line says when the mean of the last 100 games first passed `target`. `max_steps`
     summarises the run as it stood at that many env steps."""
-    records = ppo.read_metrics(run)
+    records = read_metrics(run)
     if max_steps is not None:
         records = [r for r in records if r["env_steps"] <= max_steps]
         if not records:
-            raise ppo.RunFileError(f"no update of {run} ended within {max_steps} env steps")
+            raise RunFileError(f"no update of {run} ended within {max_steps} env steps")
     # every game's score in order, and the update after which the last 100 first passed `target`
     games: List[float] = []
     passed = None
@@ -297,7 +296,7 @@ def main():
     # every ppo_breakout.py flag (--epochs, --n-workers, --precision, ...) with the same default
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        parents=[ppo.build_parser(add_help=False)],
+        parents=[cli.build_parser(add_help=False)],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--env-steps", type=int, default=400, help="vector steps for the env-only figures")
@@ -323,7 +322,7 @@ def main():
     if args.summarise:
         try:
             return summarise(args.summarise, target=args.target, max_steps=args.steps)
-        except ppo.RunFileError as e:
+        except RunFileError as e:
             parser.error(f"argument --summarise: {e}")
     if args.learn:
         argv = sys.argv[1:]
@@ -334,11 +333,11 @@ def main():
                 del argv[i : i + 2]
         return learn(argv, args.steps or 1_000_000, args.target)
     args = parser.parse_args()
-    c = ppo.configs_from(vars(args))
-    errors = ppo.config_errors(c)
+    c = cli.configs_from(vars(args))
+    errors = cli.config_errors(c)
     if errors:
         name, problem = errors[-1]
-        parser.error(f"argument --{name.rstrip('_').replace('_', '-')}: {problem}")
+        parser.error(f"argument {cli.flag_of(name)}: {problem}")
     if args.random_policy:
         return random_policy(c, args.episodes)
 
@@ -354,7 +353,7 @@ def main():
         )
         print(
             f"config:    {c.game}, {c.n_workers} workers x {c.worker_steps} steps, {c.batches} minibatches, "
-            f"epochs {c.epochs}, rollout groups {c.rollout_groups}, device {trainer.device}, "
+            f"epochs {c.epochs}, device {trainer.device}, "
             f"precision {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}, "
             f"channels_last {c.channels_last}, reuse freed memory {trainer.reusing_freed_memory}"
             + (f", cuda graphs {trainer.graphs}" if trainer.device.type == "cuda" else "")

@@ -12,6 +12,9 @@ blank: here the page is rewritten on the fly to load d3 6.7.0, Bootstrap 5.0.0-b
 Awesome 5.9.0 from `dashboard_assets/` (taken from the npm registry, with their licences), and
 Sentry and mixpanel are replaced by inert stand-ins. Nothing inside site-packages is edited and the
 page makes no request outside this machine.
+
+A training run's side of it lives here too: finding the dashboard (`--dashboard auto`), pointing
+labml's web-API writer at it, and claiming the run so its hyperparameter page takes changes.
 """
 
 import argparse
@@ -117,6 +120,112 @@ def listen_problem(ip: str, port: int) -> Optional[Tuple[str, str]]:
                 return "--port", f"{ip}:{port} is already in use"
             return "--ip", f"cannot listen on {ip}:{port}: {e.strerror}"
     return None
+
+
+# ## The training run's side: find the dashboard, report to it, claim the run
+
+
+DASHBOARD_URL = f"http://{DEFAULT_IP}:{DEFAULT_PORT}"  # where `python ppo_breakout.py dashboard` listens
+
+
+def dashboard_answers(url: str, timeout: float = 1.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/auth/is_logged", timeout=timeout) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def dashboard_flag_problem(flag: str) -> Optional[str]:
+    """What is wrong with the --dashboard flag, or None: a mistyped URL must not quietly turn
+    the dashboard off."""
+    from urllib.parse import urlparse
+
+    if flag in ("auto", "off"):
+        return None
+    url = urlparse(flag)
+    try:
+        url.port  # raises on a port that is not a number in 0-65535
+        valid = url.scheme in ("http", "https") and bool(url.hostname)
+    except ValueError:
+        valid = False
+    return None if valid else f"must be auto, off or an http(s) URL such as {DASHBOARD_URL}, got {flag!r}"
+
+
+def choose_dashboard(flag: str) -> Tuple[Optional[str], Optional[str]]:
+    """(dashboard URL or None, one line to print or None) for the --dashboard flag."""
+    if flag == "off":
+        return None, None
+    if flag == "auto":
+        from labml.internal.lab import lab_singleton
+
+        configured = lab_singleton().web_api  # .labml.yaml's web_api, or the labml_server variable
+        url = configured.url.split("/api/v1/")[0] if configured is not None else DASHBOARD_URL
+    else:
+        url = flag.rstrip("/")
+    if dashboard_answers(url):
+        return url, None
+    return None, f"no labml dashboard answers at {url}: metrics go to the run folder only"
+
+
+def connect_dashboard(url: str):
+    """Point labml's web-API writer at the dashboard: it sends the metrics and brings back the
+    hyperparameter changes made there (in the answer to each send, about 3 s later)."""
+    from labml import lab
+
+    lab.configure(
+        {
+            "web_api": f"{url}/api/v1/track?",
+            "web_api_frequency": 0,  # send at every tracker.save
+            "web_api_verify_connection": False,
+            "web_api_open_browser": False,
+        }
+    )
+
+
+def connect(flag: str) -> Optional[str]:
+    """The dashboard the --dashboard flag names, with labml's writer pointed at it, or None."""
+    url, notice = choose_dashboard(flag)
+    if notice:
+        print(notice)
+    if url:
+        connect_dashboard(url)
+    return url
+
+
+def claim_run(url: str, run_uuid: str, timeout: float = 600.0):
+    """Claim the run on the dashboard (its page ignores hyperparameter changes until then). The run
+    appears there with labml's first send, so retry until it does. labml-app answers every claim of
+    an existing run with success, even one it then undoes or ignores (see `create_app`), so read the
+    run back and stop only when it says claimed; otherwise say so. Runs in a daemon thread."""
+    print(f"dashboard: {url}/run/{run_uuid}\nhyperparameters: {url}/run/{run_uuid}/hyper_params")
+    import json
+    import threading
+    import time
+    import urllib.request
+
+    from labml import logger
+
+    def claimed() -> bool:
+        claim = urllib.request.Request(f"{url}/api/v1/run/{run_uuid}/claim", method="PUT")
+        urllib.request.urlopen(claim, timeout=10).close()
+        with urllib.request.urlopen(f"{url}/api/v1/run/{run_uuid}", timeout=10) as response:
+            return bool(json.loads(response.read()).get("is_claimed"))
+
+    def claim():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if claimed():
+                    return
+            except (OSError, ValueError):
+                pass  # not there yet, or the dashboard is busy
+            time.sleep(1.0)
+        logger.log(f"could not claim run {run_uuid} on {url}: claim it on its page to change hyperparameters")
+
+    threading.Thread(target=claim, name="claim-run", daemon=True).start()
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,228 @@
+"""
+The command line of `python ppo_breakout.py`: its flags, made from `Configs` (each setting's
+default and help are declared there, once); bad input refused with one line and exit 2 before
+anything starts; `--resume`; and how a run stops. The first Ctrl-C, SIGTERM or terminal hang-up
+(SIGHUP: the terminal closed, an ssh connection dropped) lets the update finish and ends the run
+with a checkpoint, exit 128 + the signal; a second one stops at once. Under `nohup` a hang-up
+stays ignored.
+"""
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+import ppo_breakout as ppo
+import run_files
+from dashboard import dashboard_flag_problem
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.rstrip("_").replace("_", "-")
+
+
+def build_parser(add_help: bool = True, defaults: bool = True) -> argparse.ArgumentParser:
+    """The training flags, one per `Configs` field; with `defaults=False`, only the flags given
+    appear in the result."""
+    parser = argparse.ArgumentParser(
+        prog="ppo_breakout.py",
+        description="PPO on an Atari game (default Breakout), reported to labml. "
+        "Subcommands: 'evaluate CHECKPOINT', 'plot RUN_FOLDER' and 'dashboard' (each with --help).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        add_help=add_help,
+    )
+    for field in dataclasses.fields(ppo.Configs):
+        if field.type is bool:
+            kind = dict(action=argparse.BooleanOptionalAction)
+        else:
+            kind = dict(type=field.type, metavar=field.name.rstrip("_").upper())
+        default = field.default if defaults else argparse.SUPPRESS
+        parser.add_argument(flag_of(field.name), dest=field.name, default=default, help=field.metadata["help"], **kind)
+    parser.add_argument(
+        "--dashboard",
+        metavar="URL",
+        default="auto" if defaults else argparse.SUPPRESS,
+        help="labml dashboard to report to and take changes from: a URL, 'off', or 'auto' (the labml "
+        "config's web_api, else http://127.0.0.1:5005 when something answers there)",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="PATH",
+        default=None if defaults else argparse.SUPPRESS,
+        help="continue from a checkpoint file, or the newest checkpoint of a run folder; "
+        "flags given here override the checkpoint's configuration",
+    )
+    return parser
+
+
+def configs_from(values: dict) -> "ppo.Configs":
+    """The Configs fields among `values` (parsed flags, a checkpoint's configuration), defaults elsewhere."""
+    return ppo.Configs(**{k: v for k, v in values.items() if k in ppo.Configs.__dataclass_fields__})
+
+
+def fail(prog: str, message: str) -> int:
+    """One line on stderr naming the problem; the exit status for bad input."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+class BadInput(SystemExit):
+    """Bad input, already reported on stderr in one line: exit 2."""
+
+
+def parse(argv: List[str]) -> Tuple["ppo.Configs", Optional[dict], Optional[str], str]:
+    """(configs, the checkpoint to resume from, the run's comment, the --dashboard flag); raises
+    BadInput, having said why in one line, before anything starts."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    configs, checkpoint, comment = configs_from(args), None, None
+    if args["resume"]:
+        explicit = vars(build_parser(defaults=False).parse_args(argv))  # they override the checkpoint's
+        try:
+            checkpoint, comment = run_files.resume(args["resume"], explicit)
+        except run_files.CheckpointError as e:
+            raise BadInput(fail(parser.prog, str(e)))
+        configs = configs_from({**checkpoint["configs"], **explicit})
+    errors = config_errors(configs)
+    problem = dashboard_flag_problem(args["dashboard"])
+    errors += [("dashboard", problem)] if problem else []
+    for name, problem in errors[:-1]:
+        print(f"{parser.prog}: error: argument {flag_of(name)}: {problem}", file=sys.stderr)
+    if errors:
+        parser.error(f"argument {flag_of(errors[-1][0])}: {errors[-1][1]}")
+    return configs, checkpoint, comment, args["dashboard"]
+
+
+def config_errors(c: "ppo.Configs") -> List[Tuple[str, str]]:
+    """Every problem with `c`, as (setting, problem); empty when the configuration can run."""
+    errors = []
+    for name in ("updates", "epochs", "n_workers", "worker_steps", "batches", "checkpoint_every", "keep_checkpoints"):
+        if getattr(c, name) <= 0:
+            errors.append((name, f"must be a positive integer, got {getattr(c, name)}"))
+    batch_size = c.n_workers * c.worker_steps
+    if c.batches > 0 and batch_size > 0 and batch_size % c.batches != 0:
+        errors.append(("batches", f"{c.batches} does not divide the batch n_workers * worker_steps = {batch_size}"))
+    for name in ("learning_rate", "value_loss_coef", "entropy_bonus_coef", "max_grad_norm"):
+        if not getattr(c, name) >= 0:
+            errors.append((name, f"must not be negative, got {getattr(c, name)}"))
+    if not 0 < c.clip_range < 1:
+        errors.append(("clip_range", f"must be in (0, 1), got {c.clip_range}"))
+    for name in ("gamma", "lambda_"):
+        if not 0 <= getattr(c, name) <= 1:
+            errors.append((name, f"must be in [0, 1], got {getattr(c, name)}"))
+    if not c.adam_eps > 0:
+        errors.append(("adam_eps", f"must be positive, got {c.adam_eps}"))
+    if ppo.rom_path(c.game) is None:
+        errors.append(("game", f"ale-py ships no ROM named {c.game!r} (for example: breakout, pong, space_invaders)"))
+    for name, choices in (("lr_schedule", ("constant", "linear")), ("precision", ("auto", "fp32", "bf16"))):
+        if getattr(c, name) not in choices:
+            errors.append((name, f"must be {', '.join(choices[:-1])} or {choices[-1]}, got {getattr(c, name)!r}"))
+    cpus = os.cpu_count() or 1
+    if c.rollout_threads < 0:
+        errors.append(("rollout_threads", f"must be 0 or more, got {c.rollout_threads}"))
+    elif c.rollout_threads > cpus:  # threads beyond the CPUs only wait on each other
+        errors.append(("rollout_threads", f"must be at most this machine's {cpus} CPUs, got {c.rollout_threads}"))
+    for name, problem in (("seed", seed_problem(c.seed)), ("device", device_problem(c.device))):
+        if problem:
+            errors.append((name, problem))
+    return errors or memory_errors(c)
+
+
+def seed_problem(seed: int) -> Optional[str]:
+    if seed < 0:
+        return f"must be 0 or more, got {seed}"
+    return f"must be less than 2**64 (torch seeds are 64-bit), got {seed}" if seed >= 2**64 else None
+
+
+def device_problem(name: str) -> Optional[str]:
+    try:
+        device = torch.device("cpu" if name == "auto" else name)
+    except RuntimeError:
+        return f"not a device: {name!r} (use auto, cpu, cuda or cuda:N)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"{name} was asked for but CUDA is not available"
+    return None if device.type in ("cpu", "cuda") else f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)"
+
+
+# What a run holds at its peak on the CPU, rounded up from bench.py's measurements (docs/speed.md):
+# a base, each worker, each sample of the batch, each sample of a minibatch (activations, gradients)
+MEMORY = dict(base=288 * 2**20, worker=32 * 2**20, sample=128 * 2**10, minibatch_sample=320 * 2**10)
+
+
+def memory_errors(c: "ppo.Configs") -> List[Tuple[str, str]]:
+    """A run that cannot fit in this machine's memory is refused before it starts a worker."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    samples, have = c.n_workers * c.worker_steps, f"more than this machine's {total / 2**30:.1f} GiB"
+    workers = MEMORY["base"] + c.n_workers * MEMORY["worker"]
+    needed, minibatches = workers + samples * MEMORY["sample"], ""
+    if ppo.select_device(c.device).type == "cpu":
+        needed += samples // c.batches * MEMORY["minibatch_sample"]
+        minibatches = f" in minibatches of {samples // c.batches}"
+    if workers > total:
+        return [("n_workers", f"{c.n_workers} worker processes need about {workers / 2**30:,.1f} GiB, {have}")]
+    if needed > total:
+        need = f"need about {needed / 2**30:,.1f} GiB of memory, {have}"
+        return [("worker_steps", f"{c.n_workers} workers x {c.worker_steps} steps{minibatches} {need}")]
+    return []
+
+
+class StopRequested(Exception):
+    """A second Ctrl-C, SIGTERM or SIGHUP: stop now, without waiting for the update to end."""
+
+
+def stop_signals() -> List[int]:
+    """Ctrl-C, SIGTERM, and a terminal's hang-up unless the run was started under `nohup`."""
+    ignored = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    return [signal.SIGINT, signal.SIGTERM] + ([] if ignored else [signal.SIGHUP])
+
+
+def terminal_leaver() -> Callable[[], None]:
+    """A function that points stdin, stdout and stderr, those that are the terminal now, at
+    /dev/null: after a hang-up every write to the terminal fails, and the run still has its update
+    and checkpoint to write."""
+    fds = [fd for fd in (0, 1, 2) if os.isatty(fd)]
+
+    def leave_terminal():
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in fds:
+            os.dup2(devnull, fd)
+        os.close(devnull)
+
+    return leave_terminal
+
+
+def install_stop_handlers(trainer: "ppo.Trainer"):
+    """The first stop signal asks the trainer to stop after this update; a second one stops at once."""
+    leave_terminal = terminal_leaver()
+
+    def handler(signum, frame):
+        if signum == signal.SIGHUP:
+            leave_terminal()
+        if trainer.stop_requested:
+            raise StopRequested(signum)
+        trainer.stop_requested = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: stopping after this update with a checkpoint (again to stop at once)", file=sys.stderr)
+
+    for signum in stop_signals():
+        signal.signal(signum, handler)
+
+
+def exit_code(error: BaseException, run: "run_files.RunFolder") -> int:
+    """Say in one line why a run ended early and what it saved; its exit status."""
+    if isinstance(error, (KeyboardInterrupt, StopRequested)):
+        print(f"\nStopped at once; {run.left_behind()}", file=sys.stderr)
+        return 128 + (error.args[0] if isinstance(error, StopRequested) else signal.SIGINT)
+    if isinstance(error, ppo.WorkerError):
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    # a full disk, for one: what was written before stays
+    reason = error
+    if not isinstance(error, run_files.RunFileError):
+        reason = f"cannot write the run: {run_files.os_reason(error)}"
+    print(f"error: {reason}; {run.left_behind()}", file=sys.stderr)
+    return 1

@@ -1,0 +1,147 @@
+"""
+Learning curves from run folders' `metrics.jsonl`: the whole-game score (each game faint, the
+100-game mean bold) against env steps, and the training statistics in small panels.
+
+    python ppo_breakout.py plot logs/ppo_breakout/<run> [more runs] [-o curve.png] [--baseline 1.46]
+
+A training run redraws `curve.png` in its own folder at every checkpoint, for a user without the
+dashboard.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import cli
+from run_files import RunFileError, os_reason
+
+PLOT_SIZE = (12, 9)  # inches; at PLOT_DPI, 1200x900 pixels
+PLOT_DPI = 100
+PLOT_PANELS = ["value_loss", "policy_reward", "entropy_bonus", "kl_div", "clip_fraction", "steps_per_second"]
+
+
+def read_metrics(folder: Path) -> List[dict]:
+    path = Path(folder) / "metrics.jsonl"
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line cut by a crash mid-write: the others are still good
+    if not records:
+        raise RunFileError(f"no metrics in {folder} (expected a run folder with metrics.jsonl)")
+    return records
+
+
+def plot_runs(
+    folders: List[Path],
+    output: Path,
+    baseline: Optional[float] = None,
+    labels: Optional[List[str]] = None,
+    max_steps: Optional[int] = None,
+):
+    """One colour per run folder; `max_steps` cuts every run at that many env steps, so runs of
+    different lengths compare over the same budget. Returns the (label, records) it drew."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(Path(folder), read_metrics(folder)) for folder in folders]
+    if max_steps is not None:
+        runs = [(folder, [r for r in records if r["env_steps"] <= max_steps]) for folder, records in runs]
+    labels = labels or [folder.name[:12] for folder in folders]
+    figure = plt.figure(figsize=PLOT_SIZE, dpi=PLOT_DPI)
+    grid = figure.add_gridspec(3, 3, height_ratios=[2, 1, 1])
+    score_axes = figure.add_subplot(grid[0, :])
+    panel_axes = [figure.add_subplot(grid[1 + i // 3, i % 3]) for i in range(len(PLOT_PANELS))]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10
+    for (folder, records), label, colour in zip(runs, labels, colours):
+        label = label if len(runs) > 1 else None
+        game_steps = [r["env_steps"] for r in records for _ in r.get("games", [])]
+        game_scores = [g[0] for r in records for g in r.get("games", [])]
+        score_axes.scatter(game_steps, game_scores, s=6, alpha=0.3, color=colour, linewidths=0)
+        with_mean = [r for r in records if "reward" in r]
+        steps, means = [r["env_steps"] for r in with_mean], [r["reward"] for r in with_mean]
+        score_axes.plot(steps, means, color=colour, linewidth=2, label=label)
+        for axes, key in zip(panel_axes, PLOT_PANELS):
+            points = [(r["env_steps"], r[key]) for r in records if key in r]
+            if points:
+                axes.plot(*zip(*points), color=colour, linewidth=1)
+    if baseline is not None:
+        score_axes.axhline(baseline, color="grey", linestyle="--", label=f"random policy ({baseline:.1f})")
+    score_axes.set_ylabel("game score (whole game, unclipped)")
+    score_axes.set_title("faint: each game; bold: mean of the last 100 games")
+    if len(runs) > 1 or baseline is not None:
+        score_axes.legend(loc="upper left")
+    for axes, key in zip(panel_axes, PLOT_PANELS):
+        axes.set_title(key, fontsize=9)
+        axes.tick_params(labelsize=7)
+    for axes in [score_axes, *panel_axes[3:]]:
+        axes.set_xlabel("env steps", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output, dpi=PLOT_DPI)
+    plt.close(figure)
+    return [(label, records) for label, (_, records) in zip(labels, runs)]
+
+
+def refresh_curve(run: Path):
+    """Redraw curve.png in a training run's folder; never fatal to the run."""
+    try:
+        plot_runs([run], run / "curve.png")
+    except Exception as e:
+        from labml import logger
+
+        logger.log(f"curve.png not refreshed: {type(e).__name__}: {e}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ppo_breakout.py plot",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Draw the learning curve and training statistics of one or more runs.",
+    )
+    parser.add_argument("folders", nargs="+", type=Path, metavar="RUN_FOLDER", help="run folders to compare")
+    parser.add_argument(
+        "-o", "--output", type=Path, default=None, help="PNG file to write (default: curve.png in the first run folder)"
+    )
+    parser.add_argument("--baseline", type=float, default=None, help="draw a random policy's mean score")
+    parser.add_argument(
+        "--label", action="append", default=None, help="legend name of a run, once per RUN_FOLDER in order"
+    )
+    parser.add_argument("--max-steps", type=int, default=None, help="plot each run up to this many env steps")
+    args = parser.parse_args(argv)
+    for folder in args.folders:
+        if not folder.is_dir():
+            return cli.fail(parser.prog, f"argument RUN_FOLDER: {folder} is not a folder")
+    output = args.output or args.folders[0] / "curve.png"
+    if not output.resolve().parent.is_dir():
+        return cli.fail(parser.prog, f"argument --output: folder {output.parent} does not exist")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if output.suffix.lower().lstrip(".") not in formats:
+        # without a suffix matplotlib would write `output`.png, not the file we name
+        return cli.fail(
+            parser.prog, f"argument --output: {output} must end in .png, .pdf, .svg or another of {sorted(formats)}"
+        )
+    if args.label is not None and len(args.label) != len(args.folders):
+        return cli.fail(parser.prog, f"argument --label: {len(args.label)} labels for {len(args.folders)} run folders")
+    if args.max_steps is not None and args.max_steps <= 0:
+        return cli.fail(parser.prog, f"argument --max-steps: must be positive, got {args.max_steps}")
+    try:
+        plot_runs(args.folders, output, args.baseline, args.label, args.max_steps)
+    except RunFileError as e:
+        return cli.fail(parser.prog, str(e))
+    except OSError as e:
+        print(f"{parser.prog}: error: cannot write {output}: {os_reason(e)}", file=sys.stderr)
+        return 1
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""
+The files of a run folder (logs/ppo_breakout/<run uuid>/, made by labml): `metrics.jsonl`, one
+JSON line an update, the record that needs no server; and `checkpoints/update_NNNNNNN.pt`, written
+atomically, the newest few kept. `python ppo_breakout.py --resume` and `evaluate` read them here.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+import ppo_breakout as ppo
+
+CHECKPOINT_FORMAT = 1  # bumped when the checkpoint's contents change
+
+
+class RunFileError(Exception):
+    """A file of a run (checkpoint, metrics, video) that is missing, unreadable or cannot be written; one line."""
+
+
+class CheckpointError(RunFileError):
+    """A checkpoint that is missing, unreadable or does not fit."""
+
+
+def write_metrics(run: Path, trainer: "ppo.Trainer", stats: Dict[str, float]):
+    """Append the update's statistics and the games that ended in it to `metrics.jsonl`."""
+    record = {
+        "update": trainer.update,
+        "env_steps": trainer.env_steps,
+        "time": time.time(),
+        **stats,
+        "games": [[g["reward"], g["length"]] for g in trainer.games],
+    }
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def os_reason(e: BaseException) -> str:
+    """The operating system's words for a failed write ("No space left on device"), wherever in
+    the chain of exceptions they are."""
+    while e is not None:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        e = e.__cause__ or e.__context__
+    return "unknown error"
+
+
+def atomic_save(state: dict, path: Path):
+    """Write to a temporary file, flush it to disk, then rename: a kill at any moment leaves
+    either the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save turns a full disk into a RuntimeError
+        tmp.unlink(missing_ok=True)  # a partial file would only fill the disk further
+        raise RunFileError(f"cannot write {path}: {os_reason(e)}") from e
+
+
+def save_checkpoint(trainer: "ppo.Trainer", run: Path, keep: int) -> Optional[Path]:
+    """Write `checkpoints/update_NNNNNNN.pt` in the run folder; keep the newest `keep`."""
+    if trainer.update == 0:
+        return None
+    folder = run / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"update_{trainer.update:07d}.pt"
+    atomic_save({"format": CHECKPOINT_FORMAT, **trainer.state_dict()}, path)
+    for old in sorted(folder.glob("update_*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def find_checkpoint(path: Path) -> Path:
+    """`path` itself, or the newest checkpoint of the run folder `path`."""
+    if path.is_dir():
+        found = sorted(path.glob("checkpoints/update_*.pt")) or sorted(path.glob("update_*.pt"))
+        if not found:
+            raise CheckpointError(f"no checkpoint in {path}")
+        return found[-1]
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint(path, game: Optional[str] = None) -> Tuple[Path, dict]:
+    """Read a checkpoint (file or run folder); with `game`, check its policy fits that game."""
+    path = find_checkpoint(Path(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({type(e).__name__})")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a ppo_breakout checkpoint (format {CHECKPOINT_FORMAT})")
+    game = game or state["configs"]["game"]
+    if ppo.rom_path(game) is None:
+        raise CheckpointError(f"ale-py ships no ROM named {game!r}")
+    n_actions = len(ppo.minimal_actions(game))
+    if state["n_actions"] != n_actions:
+        raise CheckpointError(
+            f"checkpoint {path} has a policy with {state['n_actions']} actions, but {game} has {n_actions}"
+        )
+    return path, state
+
+
+def resume(path, explicit: dict) -> Tuple[dict, str]:
+    """The checkpoint to go on from, and the run's comment; `explicit` holds the flags given."""
+    try:
+        path, checkpoint = load_checkpoint(path, game=explicit.get("game"))
+    except CheckpointError as e:
+        raise CheckpointError(f"argument --resume: {e}") from None
+    updates = explicit.get("updates", checkpoint["configs"]["updates"])
+    if updates <= checkpoint["update"]:
+        raise CheckpointError(
+            f"argument --updates: {updates} is not beyond the checkpoint's update {checkpoint['update']} ({path}); "
+            "--updates counts all updates, so give more to train on"
+        )
+    return checkpoint, f"continues run {path.parent.parent.name} from update {checkpoint['update']} ({path})"
+
+
+class RunFolder:
+    """The folder labml made for the current run."""
+
+    def __init__(self, configs: "ppo.Configs", resumed: bool):
+        from labml.internal.experiment import experiment_singleton
+
+        self.path = Path(experiment_singleton().run.run_path)
+        self.configs, self.resumed = configs, resumed
+
+    def keep(self, trainer: "ppo.Trainer", stats: Dict[str, float]) -> bool:
+        """Write the update's metrics and, every `checkpoint_every` updates and at the end however
+        the run ends, a checkpoint; True when it wrote one."""
+        write_metrics(self.path, trainer, stats)
+        c = self.configs
+        if trainer.update % c.checkpoint_every == 0 or trainer.update == c.updates or trainer.stop_requested:
+            save_checkpoint(trainer, self.path, c.keep_checkpoints)
+            return True
+        return False
+
+    def left_behind(self) -> str:
+        """What a run that stopped at once or failed has saved, said as it is."""
+        kept = "; the checkpoint it resumed from stays" if self.resumed else ""
+        if not (self.path / "metrics.jsonl").exists():
+            return f"no update had finished, so nothing was saved{kept}"
+        checkpoints = sorted((self.path / "checkpoints").glob("update_*.pt"))
+        if not checkpoints:
+            every = f"one every {self.configs.checkpoint_every} updates"
+            return f"no checkpoint yet ({every}); the metrics are in {self.path}{kept}"
+        return f"the last checkpoint is {checkpoints[-1]}; the metrics are in {self.path}"
