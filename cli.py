@@ -8,6 +8,7 @@ stays ignored.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
@@ -195,8 +196,11 @@ def terminal_leaver() -> Callable[[], None]:
     return leave_terminal
 
 
-def install_stop_handlers(trainer: "ppo.Trainer"):
-    """The first stop signal asks the trainer to stop after this update; a second one stops at once."""
+@contextlib.contextmanager
+def stop_handlers(trainer: "ppo.Trainer"):
+    """Inside, the first stop signal asks the trainer to stop after this update, and a second one
+    stops at once; the handlers before are back after, for the next run in the same process (a
+    notebook's)."""
     leave_terminal = terminal_leaver()
 
     def handler(signum, frame):
@@ -208,8 +212,12 @@ def install_stop_handlers(trainer: "ppo.Trainer"):
         name = signal.Signals(signum).name
         print(f"\n{name}: stopping after this update with a checkpoint (again to stop at once)", file=sys.stderr)
 
-    for signum in stop_signals():
-        signal.signal(signum, handler)
+    before = {signum: signal.signal(signum, handler) for signum in stop_signals()}
+    try:
+        yield
+    finally:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
 
 
 def exit_code(error: BaseException, run: "run_files.RunFolder") -> int:

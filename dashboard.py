@@ -18,6 +18,7 @@ labml's web-API writer at it, and claiming the run so its hyperparameter page ta
 """
 
 import argparse
+import contextlib
 import errno
 import os
 import re
@@ -226,6 +227,44 @@ def claim_run(url: str, run_uuid: str, timeout: float = 600.0):
         logger.log(f"could not claim run {run_uuid} on {url}: claim it on its page to change hyperparameters")
 
     threading.Thread(target=claim, name="claim-run", daemon=True).start()
+
+
+def serve_in_background(port: int = DEFAULT_PORT, log: Path = Path("logs/dashboard.log"), timeout: float = 60):
+    """The dashboard's URL, serving from a process of its own (for a notebook), or None when it did
+    not start in `timeout` seconds (`log` says why); one that answers on `port` already is used as
+    it is. The server runs in a session of its own, so that interrupting a notebook's kernel leaves
+    it be, and Linux stops it when the process that started it ends."""
+    import ctypes
+    import signal
+    import subprocess
+    import time
+
+    url = f"http://{DEFAULT_IP}:{port}"
+    if dashboard_answers(url):
+        return url
+
+    def die_with_parent():
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve().parent / "ppo_breakout.py"),
+        "dashboard",
+        "--port",
+        str(port),
+    ]
+    with open(log, "a") as out:
+        server = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent
+        )
+    deadline = time.monotonic() + timeout
+    while server.poll() is None and time.monotonic() < deadline:
+        if dashboard_answers(url):
+            return url
+        time.sleep(0.5)
+    return None
 
 
 def main(argv=None) -> int:

@@ -145,11 +145,12 @@ def select_device(name: str) -> torch.device:
 
 def select_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype, or None for plain fp32. `auto` takes bf16 only where the hardware
-    computes it natively: CUDA that supports it, AVX-512 bf16 or AMX CPUs."""
+    computes it natively: a GPU of compute capability 8.0 or later (Ampere on; a T4 emulates it,
+    though `torch.cuda.is_bf16_supported()` says yes), an AVX-512 bf16 or AMX CPU."""
     if precision != "auto":
         return torch.bfloat16 if precision == "bf16" else None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else None
     with contextlib.suppress(OSError):
         flags = Path("/proc/cpuinfo").read_text()
         return torch.bfloat16 if "avx512_bf16" in flags or "amx_bf16" in flags else None
@@ -973,8 +974,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         experiment.configs({**dataclasses.asdict(configs), **hyperparams, "resumed_from": comment or ""})
         if comment:
             print(comment)
-        cli.install_stop_handlers(trainer)
-        with experiment.start():
+        with cli.stop_handlers(trainer), experiment.start():
             if url:
                 dashboard.claim_run(url, experiment.get_uuid())
             trainer.run_training_loop(after_update)
