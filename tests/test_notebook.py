@@ -229,6 +229,8 @@ def test_interrupting_the_training_cell_checkpoints_and_leaves_no_process_and_tr
         time.sleep(1)
         manager.interrupt_kernel()
         reply = client.get_shell_msg(timeout=30)
+        while reply["parent_header"].get("msg_id") != msg_id:  # the replies to the cells before
+            reply = client.get_shell_msg(timeout=30)
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
     finally:
         client.stop_channels()
