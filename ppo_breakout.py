@@ -403,7 +403,8 @@ class Worker:
     def step(self, action: int):
         """Blocking step: (obs, reward, done, info), obs a copy of the shared frame stack."""
         self.send("step", int(action))
-        return (self.obs.copy(), *self.receive())
+        reward, done, info = self.receive()
+        return self.obs.copy(), reward, done, info
 
     def reset(self) -> np.ndarray:
         self.send("reset")

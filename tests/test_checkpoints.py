@@ -1,3 +1,6 @@
+"""Checkpoints (run_files.py): written atomically, the newest few kept, refused with one line
+when bad, and `--resume` going on from them."""
+
 import os
 import signal
 import subprocess
@@ -6,11 +9,19 @@ import time
 
 import pytest
 import torch
-from conftest import files_of_at_most, run_python, start_in_own_session
+from conftest import (
+    TINY,
+    TINY_FLAGS,
+    files_of_at_most,
+    run_main,
+    run_python,
+    start_in_own_session,
+    wait_for,
+)
 
-from ppo_breakout import CheckpointError, Trainer, find_checkpoint, load_checkpoint
-
-SMALL = dict(n_workers=2, worker_steps=16, batches=2, epochs=2, seed=5, checkpoint_every=1, keep_checkpoints=2)
+import ppo_breakout
+from ppo_breakout import Trainer
+from run_files import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 
 
 def _equal_states(a, b):
@@ -23,10 +34,10 @@ def _equal_states(a, b):
     return a == b
 
 
-def test_save_load_and_resume_go_on_from_the_saved_update(tmp_path, no_leftover_children):
-    with Trainer(updates=3, run_path=tmp_path, **SMALL) as trainer:
+def test_save_load_and_resume_go_on_from_the_saved_update(tmp_path):
+    with Trainer(updates=3, **TINY) as trainer:
         trainer.learning_rate.set_value(3e-4)  # a dashboard change must survive the resume
-        trainer.run_training_loop()
+        trainer.run_training_loop(lambda stats: save_checkpoint(trainer, tmp_path, keep=2))
         saved_model = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         saved_optimizer = trainer.optimizer.state_dict()
         saved_rewards = list(trainer.episode_rewards)
@@ -37,7 +48,7 @@ def test_save_load_and_resume_go_on_from_the_saved_update(tmp_path, no_leftover_
 
     losses = []
     for _ in range(2):  # the same checkpoint resumed twice gives the same next-update losses
-        with Trainer(updates=4, checkpoint=state, **SMALL) as resumed:
+        with Trainer(updates=4, checkpoint=state, **TINY) as resumed:
             assert resumed.update == 3 and resumed.env_steps == 3 * 32
             assert _equal_states(resumed.model.state_dict(), saved_model)
             assert _equal_states(resumed.optimizer.state_dict(), saved_optimizer)
@@ -55,12 +66,20 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, short_run):
     with pytest.raises(CheckpointError, match="no checkpoint in"):
         load_checkpoint(tmp_path)
     good = find_checkpoint(short_run)
+    assert good.name == "update_0000004.pt"  # a run folder's newest
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or not a checkpoint"):
         load_checkpoint(truncated)
     with pytest.raises(CheckpointError, match="4 actions, but pong has 6"):
         load_checkpoint(good, game="pong")
+
+
+def resume(folder, monkeypatch, *args) -> int:
+    """`python ppo_breakout.py *args` in `folder`, its main() called here: these all stop at the
+    flags, before anything starts."""
+    monkeypatch.chdir(folder)
+    return run_main(ppo_breakout.main, *args)
 
 
 @pytest.mark.parametrize(
@@ -70,17 +89,29 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, short_run):
         (["--resume", "ppo_breakout.py"], "argument --resume: cannot read checkpoint ppo_breakout.py"),
     ],
 )
-def test_resume_from_a_bad_path_exits_2_with_one_line(script_dir, args, message):
-    result = run_python(script_dir, "ppo_breakout.py", *args, timeout=60)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+def test_resume_from_a_bad_path_exits_2_with_one_line(script_dir, monkeypatch, capsys, args, message):
+    assert resume(script_dir, monkeypatch, *args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"ppo_breakout.py: error: {message}"), lines
     assert not (script_dir / "logs").exists()
 
 
-def test_resume_from_the_cli_continues_the_update_count_in_a_run_that_names_the_old_one(short_run, tmp_path):
+@pytest.mark.parametrize("updates", [[], ["--updates", "4"], ["--updates", "2"]])
+def test_resume_with_nothing_left_to_train_exits_2_and_writes_no_run(short_run, monkeypatch, capsys, updates):
+    # the short run ended at update 4, its --updates: resuming it needs a larger total
     folder = short_run.parents[2]
-    result = run_python(folder, "ppo_breakout.py", "--resume", str(short_run), "--updates", "5", timeout=300)
+    runs = set(folder.glob("logs/ppo_breakout/*"))  # the fixture's folder is shared with other tests
+    assert resume(folder, monkeypatch, "--resume", str(short_run), *updates) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "argument --updates:" in lines[0], lines
+    assert "is not beyond the checkpoint's update 4" in lines[0], lines
+    assert set(folder.glob("logs/ppo_breakout/*")) == runs
+
+
+def test_resume_from_the_cli_continues_the_update_count_in_a_run_that_names_the_old_one(short_run):
+    folder = short_run.parents[2]
+    args = ["--resume", str(short_run), "--updates", "5", "--dashboard", "off"]
+    result = run_python(folder, "ppo_breakout.py", *args, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"continues run {short_run.name} from update 4" in result.stdout
     (new_run,) = [r for r in folder.glob("logs/ppo_breakout/*") if r != short_run]
@@ -90,47 +121,18 @@ def test_resume_from_the_cli_continues_the_update_count_in_a_run_that_names_the_
     assert len(metrics) == 1 and '"update": 5' in metrics[0]
 
 
-@pytest.mark.parametrize("updates", [[], ["--updates", "4"], ["--updates", "2"]])
-def test_resume_with_nothing_left_to_train_exits_2_and_writes_no_run(short_run, updates):
-    # the short run ended at update 4, its --updates: resuming it needs a larger total
-    folder = short_run.parents[2]
-    runs = set(folder.glob("logs/ppo_breakout/*"))  # the fixture's folder is shared with other tests
-    result = run_python(folder, "ppo_breakout.py", "--resume", str(short_run), *updates, timeout=60)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "argument --updates:" in lines[0], lines
-    assert "is not beyond the checkpoint's update 4" in lines[0], lines
-    assert set(folder.glob("logs/ppo_breakout/*")) == runs
-
-
 def test_sigkill_while_writing_checkpoints_leaves_a_loadable_checkpoint(script_dir):
+    args = ["--updates", "100000", *TINY_FLAGS, "--batches", "1", "--checkpoint-every", "1", "--dashboard", "off"]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "ppo_breakout.py",
-            "--updates",
-            "10000",
-            "--n-workers",
-            "2",
-            "--worker-steps",
-            "8",
-            "--epochs",
-            "1",
-            "--batches",
-            "1",
-            "--checkpoint-every",
-            "1",
-        ],
+        [sys.executable, "ppo_breakout.py", *args],
         cwd=script_dir,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(list(script_dir.glob("logs/*/*/checkpoints/*.pt"))) < 3:
-            time.sleep(0.05)
-        time.sleep(0.37)  # somewhere inside a later update or checkpoint write
+        wait_for(lambda: len(list(script_dir.glob("logs/*/*/checkpoints/*.pt"))) >= 3, 120, "3 checkpoints")
+        time.sleep(0.37)  # a moment somewhere inside a later update or checkpoint write, not an event
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -140,16 +142,15 @@ def test_sigkill_while_writing_checkpoints_leaves_a_loadable_checkpoint(script_d
 
 
 def test_a_checkpoint_that_cannot_be_written_ends_the_run_with_one_line_and_keeps_the_metrics(script_dir):
-    args = ["--updates", "6", "--n-workers", "2", "--worker-steps", "16", "--epochs", "1", "--checkpoint-every", "2"]
     # a checkpoint is ~20 MB, metrics far less
-    process = start_in_own_session(
-        script_dir, "ppo_breakout.py", *args, "--dashboard", "off", preexec_fn=files_of_at_most(2**20)
-    )
+    args = ["--updates", "6", *TINY_FLAGS, "--checkpoint-every", "2", "--dashboard", "off"]
+    process = start_in_own_session(script_dir, "ppo_breakout.py", *args, preexec_fn=files_of_at_most(2**20))
     try:
         _, stderr = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     assert process.returncode == 1, stderr[-2000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     (run,) = script_dir.glob("logs/ppo_breakout/*")
@@ -160,6 +161,4 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_run_with_one_line_and_keep
     ), last_line
     assert not list((run / "checkpoints").iterdir()), "the partial file is removed"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
-    time.sleep(0.5)
-    with pytest.raises(ProcessLookupError):  # the workers went with the trainer
-        os.killpg(process.pid, 0)
+    # and its workers went with it: the no_process_left check after each test sees any that did not

@@ -8,22 +8,31 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, copy_script, run_python
+from conftest import (
+    KEPT_RUNNING,
+    ROOT,
+    TINY,
+    answers,
+    copy_script,
+    dashboard_answers,
+    flags,
+    free_port,
+    run_main,
+    wait_for,
+)
+
+import ppo_breakout
 
 ARTIFACTS = ROOT / "test-artifacts"
-TRAIN = ["--n-workers", "2", "--worker-steps", "16", "--batches", "1", "--epochs", "1", "--updates", "100000"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# one minibatch an update: quick updates, so a change shows soon, whatever epochs the dashboard sets
+TRAIN = ["--updates", "100000", *flags(dict(TINY, batches=1))]
 
 
 def get_json(url: str):
@@ -39,23 +48,6 @@ def post_json(url: str, data: dict):
         return json.loads(response.read())
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def answers(url: str) -> bool:
-    try:
-        return get_json(f"{url}/api/v1/auth/is_logged")["is_user_logged"]
-    except OSError:
-        return False
-
-
 def start_dashboard(home: Path, port: int) -> subprocess.Popen:
     # output to a file: the server logs every request, and a full pipe would stall it
     log = home / f"dashboard-{time.monotonic_ns()}.log"
@@ -66,12 +58,15 @@ def start_dashboard(home: Path, port: int) -> subprocess.Popen:
         stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
     )
-    wait_for(lambda: answers(f"http://127.0.0.1:{port}") or process.poll() is not None, 60, "the dashboard")
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: dashboard_answers(url) or process.poll() is not None, 60, "the dashboard", every=0.1)
     assert process.poll() is None, log.read_text()[-3000:]
+    KEPT_RUNNING.add(process.pid)  # the module's server, from test to test
     return process
 
 
 def stop(process: subprocess.Popen):
+    KEPT_RUNNING.discard(process.pid)
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -127,43 +122,28 @@ class Training:
                     return record
             return None
 
-        return wait_for(used, timeout, f"an update using {values}")
+        return wait_for(used, timeout, f"an update using {values}", every=0.1)
 
     def stop(self) -> str:
+        """Stop it as `kill` does (SIGTERM: it ends its update with a checkpoint); its output."""
         stop(self.process)
         return self.log.read_text()
 
 
-@pytest.fixture
-def training(dashboard, tmp_path):
-    run = Training(tmp_path, dashboard["home"], dashboard["url"])
+@pytest.fixture(scope="module")
+def training(dashboard, tmp_path_factory):
+    """One training run reporting to the dashboard, shared by the tests that steer it."""
+    run = Training(tmp_path_factory.mktemp("training"), dashboard["home"], dashboard["url"])
     try:
         # the trainer claims its run, so the page can change it at once
-        wait_for(lambda: get_json(f"{dashboard['url']}/api/v1/run/{run.uuid}").get("is_claimed"), 120, "the claim")
+        claimed = f"{dashboard['url']}/api/v1/run/{run.uuid}"
+        wait_for(lambda: get_json(claimed).get("is_claimed"), 120, "the claim", every=0.1)
         # the dashboard takes changes once it has seen the hyperparameters (labml's first sends)
         hyper_params = f"{dashboard['url']}/api/v1/hyper_params/{run.uuid}"
-        wait_for(lambda: len(get_json(hyper_params)["series"]) == 5, 60, "the hyperparameters on the dashboard")
+        wait_for(lambda: len(get_json(hyper_params)["series"]) == 5, 60, "the hyperparameters", every=0.1)
         yield run
     finally:
         run.stop()
-
-
-def test_changes_through_the_http_endpoint_are_used_by_a_later_update(dashboard, training):
-    url = f"{dashboard['url']}/api/v1/hyper_params/{training.uuid}"
-    assert post_json(url, {"clip_range": 0.2, "epochs": 2}) == {"errors": []}
-    changed_at = time.time()
-    record = training.wait_for_update_using(clip_range=0.2, epochs=2)
-    print(f"change to use: {record['time'] - changed_at:.1f} s")
-    # the value in use is visible in the dashboard's own series too
-    series = {s["name"]: s for s in get_json(url)["series"]}
-    assert series["clip_range"]["range"] == [0.01, 0.5]
-
-    # out of range: clamped to the range, and the run goes on
-    post_json(url, {"clip_range": 5.0, "epochs": 1000})
-    training.wait_for_update_using(clip_range=0.5, epochs=32)
-    output = training.stop()
-    assert "clip_range: 5.0 is outside 0.01..0.5, using 0.5" in output
-    assert "Traceback" not in output
 
 
 def test_a_real_browser_changes_a_value_with_the_page_controls_and_the_trainer_uses_it(dashboard, training):
@@ -203,7 +183,7 @@ def test_a_real_browser_changes_a_value_with_the_page_controls_and_the_trainer_u
             "the clip_range control",
         )[0]
         text_box = item.find_element(By.CSS_SELECTOR, "input:not([type=range])")
-        assert text_box.get_attribute("value") == "0.100"
+        assert text_box.get_attribute("value") == "0.100"  # the run's own value
         text_box.clear()
         text_box.send_keys("0.3", Keys.TAB)
         (save,) = [n for n in driver.find_elements(By.CSS_SELECTOR, "nav") if n.text.strip() == "save"]
@@ -227,11 +207,17 @@ def test_a_real_browser_changes_a_value_with_the_page_controls_and_the_trainer_u
         driver.quit()
 
 
-def test_a_restarted_dashboard_keeps_the_run(dashboard, training):
-    stop(dashboard["process"])
-    dashboard["process"] = start_dashboard(dashboard["home"], dashboard["port"])
-    run = get_json(f"{dashboard['url']}/api/v1/run/{training.uuid}")
-    assert run["run_uuid"] == training.uuid and run["name"] == "ppo_breakout"
+def test_changes_through_the_http_endpoint_are_used_by_a_later_update(dashboard, training):
+    # epochs in its range, clip_range out of it: clamped to the range, and the run goes on
+    url = f"{dashboard['url']}/api/v1/hyper_params/{training.uuid}"
+    assert post_json(url, {"clip_range": 5.0, "epochs": 2}) == {"errors": []}
+    changed_at = time.time()
+    record = training.wait_for_update_using(clip_range=0.5, epochs=2)
+    print(f"change to use: {record['time'] - changed_at:.1f} s")
+    assert "clip_range: 5.0 is outside 0.01..0.5, using 0.5" in training.log.read_text()
+    # the dashboard's own series has the range
+    series = {s["name"]: s for s in get_json(url)["series"]}
+    assert series["clip_range"]["range"] == [0.01, 0.5]
 
 
 def test_a_claim_that_lands_while_a_track_request_waits_for_its_body_stays(dashboard):
@@ -239,8 +225,16 @@ def test_a_claim_that_lands_while_a_track_request_waits_for_its_body_stays(dashb
     loaded: a claim in that wait was lost for good. Here the body is sent in two parts with the
     claim in between, the order that left runs unclaimed in a loaded CI run."""
     run_uuid = uuid.uuid4().hex
+    run = f"{dashboard['url']}/api/v1/run/{run_uuid}"
     track = f"/api/v1/track?run_uuid={run_uuid}&labml_version=0.4.168"
-    assert post_json(dashboard["url"] + track, {"name": "claim race", "time": time.time()})["errors"] == []
+    # labml-app answers a track request 3 s after it has saved it: the run exists before then
+    first = {}
+    thread = threading.Thread(
+        target=lambda: first.update(post_json(dashboard["url"] + track, {"name": "claim race", "time": time.time()})),
+        daemon=True,
+    )
+    thread.start()
+    wait_for(lambda: answers(run), 30, "the new run", every=0.1)
     body = json.dumps({"time": time.time()}).encode()
     head = (
         f"POST {track} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -248,13 +242,16 @@ def test_a_claim_that_lands_while_a_track_request_waits_for_its_body_stays(dashb
     ).encode()
     with socket.create_connection(("127.0.0.1", dashboard["port"]), timeout=30) as connection:
         connection.sendall(head + body[:1])
-        time.sleep(1.0)  # the handler has started and waits for the rest of the body
-        claim = urllib.request.Request(f"{dashboard['url']}/api/v1/run/{run_uuid}/claim", method="PUT")
+        # the handler has started and waits for the rest of the body: a moment, no event shows it
+        time.sleep(1.0)
+        claim = urllib.request.Request(f"{run}/claim", method="PUT")
         urllib.request.urlopen(claim, timeout=10).close()
-        assert get_json(f"{dashboard['url']}/api/v1/run/{run_uuid}")["is_claimed"]
+        assert get_json(run)["is_claimed"]
         connection.sendall(body[1:])
         assert connection.recv(65536).startswith(b"HTTP/1.1 200")
-    assert get_json(f"{dashboard['url']}/api/v1/run/{run_uuid}")["is_claimed"]
+    assert get_json(run)["is_claimed"]
+    thread.join(30)
+    assert first["errors"] == []
 
 
 def test_the_page_refers_to_no_other_machine(dashboard):
@@ -271,47 +268,49 @@ def test_the_page_refers_to_no_other_machine(dashboard):
             assert response.status == 200 and len(response.read()) > 1000, asset
 
 
-def test_without_a_dashboard_training_says_so_in_one_line_and_goes_on(script_dir):
-    url = f"http://127.0.0.1:{free_port()}"
-    result = run_python(
-        script_dir,
-        "ppo_breakout.py",
-        "--dashboard",
-        url,
-        "--updates",
-        "2",
-        "--n-workers",
-        "2",
-        "--worker-steps",
-        "16",
-        "--epochs",
-        "1",
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_without_a_dashboard_training_says_so_in_one_line_and_goes_on(short_cli_run):
+    # the shared short run was told to report to a dashboard URL where nothing answers
+    url, result, run = short_cli_run.dashboard, short_cli_run.result, short_cli_run.run
     output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
-    assert output.count("dashboard") == output.count(str(script_dir.name)) + 1  # the one notice
+    assert output.count("dashboard") == 1  # the one notice
     assert f"no labml dashboard answers at {url}: metrics go to the run folder only\n" in output
     assert "Retrying" not in output and "Failed to connect" not in output
-    (metrics,) = script_dir.glob("logs/ppo_breakout/*/metrics.jsonl")
-    assert len(metrics.read_text().splitlines()) == 2
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 @pytest.mark.parametrize(
     "ip,problem",
     [("999.1.1.1", "999.1.1.1 is not an address"), ("192.0.2.1", "cannot listen on 192.0.2.1:5005")],
 )
-def test_the_dashboard_refuses_an_address_it_cannot_listen_on(ip, problem):
-    result = run_python(None, ROOT / "ppo_breakout.py", "dashboard", "--ip", ip, timeout=60)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+def test_the_dashboard_refuses_an_address_it_cannot_listen_on(capsys, ip, problem):
+    # `python ppo_breakout.py dashboard --ip IP`, its main() called here (the server above is
+    # started by the real command line)
+    assert run_main(ppo_breakout.main, "dashboard", "--ip", ip) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ppo_breakout.py dashboard: error: argument --ip: "), lines
     assert problem in lines[0], lines
 
 
-def test_the_dashboard_refuses_a_port_in_use(dashboard):
-    result = run_python(None, ROOT / "ppo_breakout.py", "dashboard", "--port", str(dashboard["port"]), timeout=60)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+def test_the_dashboard_refuses_a_port_in_use(dashboard, capsys):
+    assert run_main(ppo_breakout.main, "dashboard", "--port", str(dashboard["port"])) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"ppo_breakout.py dashboard: error: argument --port: 127.0.0.1:{dashboard['port']} is already in use"
     ]
+
+
+def test_a_run_reporting_to_the_dashboard_stops_cleanly(training):
+    # `kill`: it ends its update with a checkpoint; labml's last sends to the dashboard go through
+    output = training.stop()
+    assert training.process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Traceback" not in output and "Retrying" not in output, output[-3000:]
+    last_update = len(training.metrics())
+    assert (training.run / "checkpoints" / f"update_{last_update:07d}.pt").exists()
+
+
+def test_a_restarted_dashboard_keeps_the_run(dashboard, training):
+    training.stop()  # its run is on the dashboard; a run reporting through a restart would retry in 10 s
+    stop(dashboard["process"])
+    dashboard["process"] = start_dashboard(dashboard["home"], dashboard["port"])
+    run = get_json(f"{dashboard['url']}/api/v1/run/{training.uuid}")
+    assert run["run_uuid"] == training.uuid and run["name"] == "ppo_breakout"
+    assert run["is_claimed"]

@@ -3,23 +3,21 @@ an interrupt, and the Colab-only branches with google.colab replaced by a record
 
 import base64
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import nbformat
 import papermill
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TINY, dashboard_answers, descendants, free_port, metrics_files, wait_for
 
 NOTEBOOK = ROOT / "ppo_breakout.ipynb"
-TINY = dict(updates=2, n_workers=2, worker_steps=16, epochs=1, batches=2, eval_games=1)
+# the notebook's parameters for a run of the tiny configuration, and one evaluation game
+PARAMETERS = dict(TINY, updates=2, eval_games=1)
 
 
 def project_copy(folder: Path) -> Path:
@@ -29,20 +27,6 @@ def project_copy(folder: Path) -> Path:
             shutil.copy(path, folder / path.name)
     shutil.copytree(ROOT / "dashboard_assets", folder / "dashboard_assets")
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def answers(port: int) -> bool:
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/auth/is_logged", timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def cell_sources(nb) -> dict:
@@ -81,7 +65,7 @@ def test_run_all_trains_shows_the_curve_the_video_and_the_score(tmp_path):
     papermill.execute_notebook(
         str(folder / NOTEBOOK.name),
         str(out),
-        parameters=dict(TINY, dashboard=True, dashboard_port=port, more_updates=1),
+        parameters=dict(PARAMETERS, dashboard=True, dashboard_port=port, more_updates=1),
         cwd=str(folder),
         progress_bar=False,
     )
@@ -106,10 +90,7 @@ def test_run_all_trains_shows_the_curve_the_video_and_the_score(tmp_path):
     assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p"), meta  # what browsers play
     runs = list(folder.glob("logs/ppo_breakout/*/checkpoints/update_0000003.pt"))
     assert len(runs) == 1, "the resumed run wrote update 3"
-    deadline = time.monotonic() + 10
-    while answers(port) and time.monotonic() < deadline:  # the server stops with the kernel
-        time.sleep(0.2)
-    assert not answers(port)
+    wait_for(lambda: not dashboard_answers(f"http://127.0.0.1:{port}"), 10, "the dashboard to stop with the kernel")
 
 
 COLAB_RECORDER = """
@@ -123,7 +104,9 @@ sys.modules.update({"google": google, "google.colab": google.colab, "google.cola
 """
 
 
-def test_in_colab_the_set_up_clones_the_repository_and_the_dashboard_opens_through_the_port_proxy(tmp_path):
+def test_in_colab_the_set_up_clones_the_repository_and_the_dashboard_opens_through_the_port_proxy(
+    tmp_path, monkeypatch
+):
     """google.colab is a recorder; git clones this repository (its committed HEAD) where the cell
     asks GitHub for it, through git's url.<base>.insteadOf."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -146,19 +129,12 @@ assert not [r for r in requirements("requirements.txt") if r.startswith("torch")
     ]
     colab = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources], metadata=nb.metadata)
     nbformat.write(colab, tmp_path / "colab.ipynb")
-    env = {
-        "GIT_CONFIG_COUNT": "1",
-        "GIT_CONFIG_KEY_0": f"url.file://{ROOT}.insteadOf",
-        "GIT_CONFIG_VALUE_0": f"https://github.com/{repository}",
-    }
-    os.environ.update(env)
-    try:
-        papermill.execute_notebook(
-            str(tmp_path / "colab.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(tmp_path), progress_bar=False
-        )
-    finally:
-        for key in env:
-            del os.environ[key]
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
+    monkeypatch.setenv("GIT_CONFIG_KEY_0", f"url.file://{ROOT}.insteadOf")
+    monkeypatch.setenv("GIT_CONFIG_VALUE_0", f"https://github.com/{repository}")
+    papermill.execute_notebook(
+        str(tmp_path / "colab.ipynb"), str(tmp_path / "out.ipynb"), cwd=str(tmp_path), progress_bar=False
+    )
     assert (tmp_path / "ppo_breakout" / "ppo_breakout.py").exists()
 
 
@@ -179,11 +155,10 @@ def run_cell(client, source: str, timeout: float = 300) -> str:
             return text
 
 
-def children(pid: int) -> set:
-    found = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        found |= {int(c) for c in (task / "children").read_text().split()}
-    return {c for c in found if Path(f"/proc/{c}").exists() and "Z" not in Path(f"/proc/{c}/stat").read_text()[-60:]}
+def running(client, msg_id: str) -> bool:
+    """The next message of the kernel says it started running cell `msg_id`."""
+    msg = client.get_iopub_msg(timeout=30)
+    return msg["parent_header"].get("msg_id") == msg_id and msg["content"].get("execution_state") == "busy"
 
 
 def test_interrupting_the_training_cell_checkpoints_and_leaves_no_process_and_training_runs_again(tmp_path):
@@ -196,13 +171,10 @@ def test_interrupting_the_training_cell_checkpoints_and_leaves_no_process_and_tr
         kernel = manager.provisioner.process.pid
         run_cell(client, cells["Set up"])
         run_cell(client, cells["Parameters"])
-        run_cell(client, "updates, n_workers, worker_steps, epochs, batches, dashboard = 500, 2, 16, 1, 2, False")
+        run_cell(client, "\n".join(f"{k} = {v!r}" for k, v in dict(PARAMETERS, updates=500, dashboard=False).items()))
         run_cell(client, cells["The dashboard"])
         msg_id = client.execute(cells["Train"])
-        deadline = time.monotonic() + 120
-        while not list(folder.glob("logs/ppo_breakout/*/metrics.jsonl")):
-            assert time.monotonic() < deadline, "no update within 120 s"
-            time.sleep(0.2)
+        wait_for(lambda: metrics_files(folder), 120, "the first update")
         manager.interrupt_kernel()  # what the notebook's Interrupt button sends
         text = ""
         while True:
@@ -218,15 +190,15 @@ def test_interrupting_the_training_cell_checkpoints_and_leaves_no_process_and_tr
         (run,) = folder.glob("logs/ppo_breakout/*")
         updates = len((run / "metrics.jsonl").read_text().splitlines())
         assert 0 < updates < 500 and (run / "checkpoints" / f"update_{updates:07d}.pt").exists()
-        assert not children(kernel), "no worker left"
+        assert not descendants(kernel), "no worker left"
         # the same kernel trains again: a new run, to its end
         run_cell(client, "updates = 2")
         text = run_cell(client, cells["Train"])
         assert "exit status 0" in text and len(list(folder.glob("logs/ppo_breakout/*"))) == 2
-        assert not children(kernel)
+        assert not descendants(kernel)
         # and an Interrupt after training is the kernel's KeyboardInterrupt again, not the run's handler
         msg_id = client.execute("import time; time.sleep(30)")
-        time.sleep(1)
+        wait_for(lambda: running(client, msg_id), 30, "the cell to start", every=0)
         manager.interrupt_kernel()
         reply = client.get_shell_msg(timeout=30)
         while reply["parent_header"].get("msg_id") != msg_id:  # the replies to the cells before

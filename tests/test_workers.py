@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, _alive, child_pids
+from conftest import ROOT, TINY, _alive, assert_gone, descendants
 
 from ppo_breakout import OBS_SHAPE, Game, Trainer, Worker, WorkerError
 
 
-def test_step_reset_close_round_trip(no_leftover_children):
+def test_step_reset_close_round_trip():
     worker = Worker(seed=5, index=0)
     try:
         obs = worker.reset()
@@ -25,7 +25,7 @@ def test_step_reset_close_round_trip(no_leftover_children):
     assert not worker.process.is_alive() and worker.process.exitcode == 0
 
 
-def test_a_whole_game_through_a_worker_matches_the_game_played_in_process(no_leftover_children):
+def test_a_whole_game_through_a_worker_matches_the_game_played_in_process():
     # steps travel through shared memory and semaphores: every frame, reward and end, and the
     # whole-game score and length when the game is over, must be what the Game itself returns
     worker = Worker(seed=7, clip_rewards=False, index=0)
@@ -57,7 +57,13 @@ def test_a_worker_exits_by_itself_when_its_trainer_is_killed():
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
         import ppo_breakout
-        ppo_breakout._die_with_parent = lambda parent_pid: None
+
+        class NoPrctl:  # no PR_SET_PDEATHSIG, as on macOS
+            @staticmethod
+            def CDLL(name):
+                raise OSError(f"{{name}}: no such library")
+
+        ppo_breakout.ctypes = NoPrctl
         worker = ppo_breakout.Worker(seed=0)
         worker.reset()
         print(worker.process.pid, flush=True)
@@ -71,10 +77,7 @@ def test_a_worker_exits_by_itself_when_its_trainer_is_killed():
         assert _alive(worker_pid)
         trainer.kill()
         trainer.wait()
-        deadline = time.monotonic() + 10
-        while _alive(worker_pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(worker_pid), "the orphaned worker is still running"
+        assert_gone([worker_pid], timeout=10)  # it checks every LIVENESS_CHECK_S, 0.5 s
     finally:
         trainer.kill()
         trainer.wait()
@@ -82,7 +85,7 @@ def test_a_worker_exits_by_itself_when_its_trainer_is_killed():
             os.kill(worker_pid, signal.SIGKILL)
 
 
-def test_unknown_command_raises_a_worker_error_naming_the_worker(no_leftover_children):
+def test_unknown_command_raises_a_worker_error_naming_the_worker():
     worker = Worker(seed=0, index=3)
     try:
         worker.send("jump", None)
@@ -92,8 +95,8 @@ def test_unknown_command_raises_a_worker_error_naming_the_worker(no_leftover_chi
         worker.close()
 
 
-def test_a_worker_killed_with_sigkill_makes_the_trainer_raise_a_clear_error(no_leftover_children):
-    trainer = Trainer(n_workers=2, worker_steps=8, batches=1, epochs=1)
+def test_a_worker_killed_with_sigkill_makes_the_trainer_raise_a_clear_error():
+    trainer = Trainer(**TINY)
     try:
         victim = trainer.workers[1].process
         os.kill(victim.pid, signal.SIGKILL)
@@ -105,17 +108,18 @@ def test_a_worker_killed_with_sigkill_makes_the_trainer_raise_a_clear_error(no_l
         trainer.destroy()
 
 
-def test_destroy_joins_every_worker(no_leftover_children):
-    trainer = Trainer(n_workers=3, worker_steps=4, batches=1, epochs=1)
+def test_destroy_joins_every_worker():
+    trainer = Trainer(**{**TINY, "n_workers": 3})
     pids = {w.process.pid for w in trainer.workers}
-    assert pids <= child_pids()
+    assert len(pids) == 3 and pids <= descendants()
     trainer.destroy()
-    assert not pids & child_pids()
+    assert not pids & descendants()
 
 
-def test_an_exception_in_the_loop_leaves_no_child_process(no_leftover_children):
+def test_an_exception_in_the_loop_leaves_no_child_process():
+    # the no_process_left check after every test sees a worker left behind
     with pytest.raises(RuntimeError, match="boom"):
-        with Trainer(n_workers=2, worker_steps=4, batches=1, epochs=1) as trainer:
+        with Trainer(**TINY) as trainer:
 
             def explode(samples):
                 raise RuntimeError("boom")
@@ -124,7 +128,7 @@ def test_an_exception_in_the_loop_leaves_no_child_process(no_leftover_children):
             trainer.run_training_loop()
 
 
-def test_an_exception_inside_a_worker_is_reported_with_its_cause(no_leftover_children, monkeypatch):
+def test_an_exception_inside_a_worker_is_reported_with_its_cause(monkeypatch):
     from ppo_breakout import Game
 
     def broken_reset(self):
@@ -140,7 +144,7 @@ def test_an_exception_inside_a_worker_is_reported_with_its_cause(no_leftover_chi
         worker.close()
 
 
-def test_a_worker_whose_emulator_exits_is_reported(no_leftover_children, monkeypatch):
+def test_a_worker_whose_emulator_exits_is_reported(monkeypatch):
     # ALE calls exit(1) itself on a missing ROM file: no Python exception ever reaches us
     import ppo_breakout
 
