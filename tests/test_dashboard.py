@@ -147,6 +147,9 @@ def training(dashboard, tmp_path_factory):
 
 
 def test_a_real_browser_changes_a_value_with_the_page_controls_and_the_trainer_uses_it(dashboard, training):
+    """Through a reverse proxy on another port, which serves the page from another origin at its
+    root path, as Colab's port proxy does for the notebook's dashboard."""
+    from reverse_proxy import ReverseProxy
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -171,8 +174,9 @@ def test_a_real_browser_changes_a_value_with_the_page_controls_and_the_trainer_u
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    proxy = ReverseProxy(dashboard["url"]).__enter__()
     try:
-        driver.get(f"{dashboard['url']}/run/{training.uuid}/hyper_params")
+        driver.get(f"{proxy.url}/run/{training.uuid}/hyper_params")
         item = wait_for(
             lambda: [
                 i
@@ -193,9 +197,11 @@ def test_a_real_browser_changes_a_value_with_the_page_controls_and_the_trainer_u
         print(f"page save to use: {record['time'] - saved_at:.1f} s")
         ARTIFACTS.mkdir(exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "hyper_params.png"))
-        failed = []
+        failed, requested = [], []
         for entry in driver.get_log("performance"):
             message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.requestWillBeSent":
+                requested.append(message["params"]["request"]["url"])
             if message["method"] == "Network.loadingFailed":
                 failed.append(message["params"])
             elif message["method"] == "Network.responseReceived" and message["params"]["response"]["status"] >= 400:
@@ -203,8 +209,12 @@ def test_a_real_browser_changes_a_value_with_the_page_controls_and_the_trainer_u
         assert not failed, failed
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
+        # the page and the change went through the proxy: nothing reached the server around it
+        assert ("POST", f"/api/v1/hyper_params/{training.uuid}") in proxy.requests, proxy.requests
+        assert not [u for u in requested if u.startswith(dashboard["url"])], requested
     finally:
         driver.quit()
+        proxy.__exit__(None, None, None)
 
 
 def test_changes_through_the_http_endpoint_are_used_by_a_later_update(dashboard, training):
