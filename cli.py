@@ -197,17 +197,19 @@ def terminal_leaver() -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def stop_handlers(trainer: "ppo.Trainer"):
+def stop_handlers(trainer: "ppo.Trainer", again_stops: bool = True):
     """Inside, the first stop signal asks the trainer to stop after this update, and a second one
-    stops at once; the handlers before are back after, for the next run in the same process (a
-    notebook's)."""
+    stops at once (unless not `again_stops`: torchrun passes its own signal on to its ranks); the
+    handlers before are back after, for the next run in the same process (a notebook's)."""
     leave_terminal = terminal_leaver()
 
     def handler(signum, frame):
         if signum == signal.SIGHUP:
             leave_terminal()
         if trainer.stop_requested:
-            raise StopRequested(signum)
+            if again_stops:
+                raise StopRequested(signum)
+            return
         trainer.stop_requested = signum
         name = signal.Signals(signum).name
         print(f"\n{name}: stopping after this update with a checkpoint (again to stop at once)", file=sys.stderr)
@@ -220,17 +222,19 @@ def stop_handlers(trainer: "ppo.Trainer"):
             signal.signal(signum, previous)
 
 
-def exit_code(error: BaseException, run: "run_files.RunFolder") -> int:
-    """Say in one line why a run ended early and what it saved; its exit status."""
+def exit_code(error: BaseException, run: Optional["run_files.RunFolder"], ranks=None) -> int:
+    """Say in one line why a run ended early and what it saved; its exit status. Under torchrun,
+    the line names the rank, and rank 0 alone has a run folder to speak of."""
+    saved = run.left_behind() if run is not None else "rank 0 keeps the run folder"
     if isinstance(error, (KeyboardInterrupt, StopRequested)):
-        print(f"\nStopped at once; {run.left_behind()}", file=sys.stderr)
+        print(f"\nStopped at once; {saved}", file=sys.stderr)
         return 128 + (error.args[0] if isinstance(error, StopRequested) else signal.SIGINT)
     if isinstance(error, ppo.WorkerError):
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {f'rank {ranks.rank}: ' if ranks else ''}{error}", file=sys.stderr)
         return 1
     # a full disk, for one: what was written before stays
     reason = error
     if not isinstance(error, run_files.RunFileError):
         reason = f"cannot write the run: {run_files.os_reason(error)}"
-    print(f"error: {reason}; {run.left_behind()}", file=sys.stderr)
+    print(f"error: {reason}; {saved}", file=sys.stderr)
     return 1

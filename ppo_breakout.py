@@ -16,9 +16,9 @@ packages: ale-py with its own ROMs, and labml 0.4.168's dynamic hyperparameters.
     python ppo_breakout.py evaluate logs/ppo_breakout/<run> --video game.mp4   # evaluate.py
     python ppo_breakout.py plot logs/ppo_breakout/<run> -o curve.png           # plots.py
     python ppo_breakout.py dashboard                  # the labml dashboard, offline (dashboard.py)
+    torchrun --standalone --nproc_per_node=2 ppo_breakout.py  # one policy, 2 processes (distributed.py)
 
-The file reads in the order the data flows: configuration -> Game -> worker processes -> Model ->
-GAE -> losses -> Trainer -> entry point.
+It reads in the order the data flows: configuration, Game, workers, Model, GAE, losses, Trainer.
 """
 
 import contextlib
@@ -90,12 +90,14 @@ class Configs:
     cuda_graphs: bool = setting(True, "on a CUDA GPU, replay each minibatch step and rollout forward as a CUDA graph")
     checkpoint_every: int = setting(50, "updates between checkpoints (and one at the end and at Ctrl-C/SIGTERM/SIGHUP)")
     keep_checkpoints: int = setting(3, "how many of the newest checkpoints to keep")
+    # under torchrun (distributed.py): how the ranks talk, and which GPU each local rank uses
+    backend: str = setting("auto", "torchrun: auto (nccl on CUDA, else gloo), gloo or nccl")
+    device_ids: str = setting("", "torchrun: the GPU of each local rank, such as 0,0 for 2 ranks on GPU 0")
 
 
 class CheckedValue:
-    """A dynamic hyperparameter that keeps the dashboard's value inside its range: labml applies a
-    change in its web-API thread, where a value out of range is clamped and one that is not a
-    finite number refused, so neither can crash or derail the run."""
+    """A dynamic hyperparameter that keeps the dashboard's value inside its range: a value out of
+    range is clamped, one that is not a finite number refused, so neither can derail the run."""
 
     def set_value(self, value):
         low, high = self._range_
@@ -189,15 +191,11 @@ def minimal_actions(game: str) -> List[int]:
 
 
 class Game:
-    """
-    One Atari game inside a worker.
-
-    `reset() -> obs` starts a game; `step(action) -> (obs, reward, done, info)` where `obs` is a
-    uint8 array [4, 84, 84], `reward` the training reward (its sign when `clip_rewards`), `done`
-    True when a life is lost or the game is over, and `info` None except on the step that ends a
-    game: `{"reward": whole-game score, unclipped, "length": agent steps}`. The game resets itself
-    when it is over; the returned `obs` is then the new game's first.
-    """
+    """One Atari game inside a worker. `reset() -> obs` starts a game; `step(action) -> (obs,
+    reward, done, info)` where `obs` is a uint8 array [4, 84, 84], `reward` the training reward (its
+    sign when `clip_rewards`), `done` True when a life is lost or the game is over, and `info` None
+    except on the step that ends a game: `{"reward": whole-game score, unclipped, "length": agent
+    steps}`. The game resets itself when it is over; the returned `obs` is then the new game's first."""
 
     def __init__(self, seed: int, game: str = "breakout", clip_rewards: bool = True):
         import ale_py
@@ -296,9 +294,9 @@ class WorkerError(RuntimeError):
 
 
 def worker_process(remote, go, ready, slots_buffer, obs_buffer, parent_pid: int, seed: int, game: str, clip_rewards):
-    # Ctrl-C and a terminal's hang-up go to the whole process group: the trainer handles them
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Ctrl-C, a hang-up and torchrun's SIGTERM go to the whole process group: the trainer handles them
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):  # have Linux kill us when the trainer dies
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     if os.getppid() != parent_pid:  # the trainer died before prctl took effect
@@ -338,14 +336,10 @@ def worker_process(remote, go, ready, slots_buffer, obs_buffer, parent_pid: int,
 
 
 class Worker:
-    """
-    Creates a new worker and runs it in a separate process.
-
-    `send(cmd, data)` and `receive()` are split so a trainer can step all workers at once:
-    `send("step", action)`, then `receive() -> (reward, done, info)` with the new frame stack in
-    `obs`; `send("reset")`, then `receive() -> None`. `receive()` raises `WorkerError` naming the
-    worker when it raised, and within LIVENESS_CHECK_S when it died.
-    """
+    """A Game in a process of its own. `send(cmd, data)` and `receive()` are split so a trainer can
+    step all workers at once: `send("step", action)`, then `receive() -> (reward, done, info)` with
+    the new frame stack in `obs`; `send("reset")`, then `receive() -> None`. `receive()` raises
+    `WorkerError` naming the worker when it raised, and within LIVENESS_CHECK_S when it died."""
 
     def __init__(self, seed: int, game: str = "breakout", clip_rewards: bool = True, index: int = 0):
         # fork starts the workers in milliseconds, and is safe: they never touch torch
@@ -399,17 +393,6 @@ class Worker:
         code = self.process.exitcode
         cause = f"killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
         raise WorkerError(f"worker {self.index} (pid {self.process.pid}) died: {cause}")
-
-    def step(self, action: int):
-        """Blocking step: (obs, reward, done, info), obs a copy of the shared frame stack."""
-        self.send("step", int(action))
-        reward, done, info = self.receive()
-        return self.obs.copy(), reward, done, info
-
-    def reset(self) -> np.ndarray:
-        self.send("reset")
-        self.receive()
-        return self.obs.copy()
 
     def request_close(self):
         """Ask the worker to stop, without waiting: the trainer asks all of them, then joins each."""
@@ -543,9 +526,7 @@ class ClippedValueFunctionLoss(nn.Module):
         return 0.5 * vf_loss.mean()
 
 
-# ## Speed paths
-#
-# Each is switched by a setting and measured in docs/speed.md; the Trainer only calls them.
+# ## Speed paths: each switched by a setting and measured in docs/speed.md; the Trainer calls them
 
 
 def reuse_freed_memory() -> bool:
@@ -652,16 +633,12 @@ STATS = ("policy_reward", "value_loss", "entropy_bonus", "kl_div", "clip_fractio
 
 
 class Trainer:
-    """
-    Samples from the workers with the current policy, computes advantages, and trains the model
-    for `epochs` passes of `batches` minibatches over each batch.
+    """Samples from the workers with the current policy, computes advantages, and trains the model
+    for `epochs` passes of `batches` minibatches over each batch. `Trainer(configs, **overrides)`:
+    any `Configs` field may be overridden by keyword, the dynamic ones by labml dynamic
+    hyperparameters (as labml's experiment did); `checkpoint`, a `state_dict()`, continues that run."""
 
-    `Trainer(configs, **overrides)`: any `Configs` field may be overridden by keyword, and the
-    dynamic ones may be given as labml dynamic hyperparameters (as labml's experiment did).
-    `checkpoint`, a `state_dict()` saved earlier, continues that run from its update.
-    """
-
-    def __init__(self, configs: Optional[Configs] = None, checkpoint: Optional[dict] = None, **overrides):
+    def __init__(self, configs: Optional[Configs] = None, checkpoint: Optional[dict] = None, ranks=None, **overrides):
         plain = {k: (v._value if isinstance(v, DynamicHyperParam) else v) for k, v in overrides.items()}
         c = self.configs = dataclasses.replace(configs or Configs(), **plain)
         if c.batches <= 0 or (c.n_workers * c.worker_steps) % c.batches:  # cli.config_errors checks the rest
@@ -711,13 +688,15 @@ class Trainer:
         self.values = torch.zeros((n, t + 1), dtype=torch.float32, device=self.device)
 
         self.stop_requested = False  # a signal number: stop after the current update
+        self.ranks = ranks  # torchrun: the job's other processes (distributed.Ranks); None alone
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
 
         # worker seeds come from one SeedSequence, so runs with nearby seeds share no game; a
         # resumed run starts new games (the emulators' states are not saved), seeded by its update
         entropy = c.seed if self.update == 0 else [c.seed, self.update]
-        seeds = np.random.SeedSequence(entropy).generate_state(self.n_workers)
+        rank, world = (ranks.rank, ranks.world_size) if ranks else (0, 1)  # torchrun: the job's seeds, split
+        seeds = np.random.SeedSequence(entropy).generate_state(self.n_workers * world)[rank * self.n_workers :]
         self.workers: List[Worker] = []
         try:
             for i in range(self.n_workers):
@@ -755,7 +734,9 @@ class Trainer:
                         games.append(info)
             # V of the state after the final step, to bootstrap unfinished episodes
             _, self.values[:, self.worker_steps] = self.model(torch.from_numpy(self.obs).to(self.device))
-        self.env_steps += self.batch_size
+        if self.ranks:  # torchrun: the games of every rank count
+            games = self.ranks.all_games(games)
+        self.env_steps += self.batch_size * (self.ranks.world_size if self.ranks else 1)
         for info in games:
             self.episode_rewards.append(info["reward"])
             self.episode_lengths.append(info["length"])
@@ -804,6 +785,8 @@ class Trainer:
         self.model.train()
         stats: List[torch.Tensor] = []
         used: List[List[float]] = []  # the dynamic values each minibatch used, in MINIBATCH_DYNAMIC's order
+        if self.ranks:  # torchrun: rank 0's dynamic values, held by every rank for the update
+            self.ranks.hold_dynamic(self)
         epochs = self.epochs()  # read once per update: a change applies from the next update
         for _ in range(epochs):
             indexes = torch.randperm(self.batch_size, device=self.device)
@@ -832,6 +815,8 @@ class Trainer:
         loss, stats = self._calc_loss(mini_batch, **dynamic)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.ranks:  # torchrun: every rank steps with the mean of the ranks' gradients
+            self.ranks.average_gradients(self.model.parameters())
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.configs.max_grad_norm)
         self.optimizer.step()
         return stats
@@ -842,9 +827,9 @@ class Trainer:
             return self.learning_rate() * (1.0 - self.update / self.updates)
         return self.learning_rate()
 
-    @staticmethod
-    def _normalize(adv: torch.Tensor) -> torch.Tensor:
-        return (adv - adv.mean()) / (adv.std() + 1e-8)
+    def _normalize(self, adv: torch.Tensor) -> torch.Tensor:
+        mean, std = self.ranks.mean_std(adv) if self.ranks else (adv.mean(), adv.std())  # torchrun: all ranks'
+        return (adv - mean) / (std + 1e-8)
 
     def _calc_loss(self, samples: Dict[str, torch.Tensor], clip_range, value_loss_coef, entropy_bonus_coef):
         """The total loss of a minibatch, and the statistics to track (in the order of `STATS`)."""
@@ -868,12 +853,14 @@ class Trainer:
     def run_training_loop(self, after_update: Optional[Callable[[Dict[str, float]], None]] = None):
         """Sample, train, report, repeat; `after_update(stats)` keeps the run's files."""
         for update in monit.loop(range(self.update, self.updates)):
-            start = time.perf_counter()
+            start, env_steps = time.perf_counter(), self.env_steps
             samples = self.sample()
             stats = self.train(samples)
+            if self.ranks:  # torchrun: every rank stops at the update where any was asked to
+                self.stop_requested = self.ranks.largest(self.stop_requested)
             self.update = update + 1
             stats["explained_variance"] = self.explained_variance
-            stats["steps_per_second"] = self.batch_size / (time.perf_counter() - start)
+            stats["steps_per_second"] = (self.env_steps - env_steps) / (time.perf_counter() - start)
             if self.episode_rewards:
                 stats["reward"] = float(np.mean(self.episode_rewards))
                 stats["length"] = float(np.mean(self.episode_lengths))
@@ -940,10 +927,8 @@ class Trainer:
 
 # ## Entry point
 #
-# The experiment run with labml, as labml's own experiment runs it. The tools beside this file do
-# the rest: cli.py reads the flags and handles stop signals, run_files.py keeps the run folder
-# (metrics, checkpoints), dashboard.py finds the dashboard; `evaluate`, `plot` and `dashboard` are
-# evaluate.py, plots.py and dashboard.py.
+# The experiment run with labml. The tools beside this file do the rest: cli.py reads the flags and
+# the stop signals, run_files.py keeps the run folder, dashboard.py finds the dashboard.
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -953,41 +938,58 @@ def main(argv: Optional[List[str]] = None) -> int:
     tools = {"evaluate": "evaluate", "plot": "plots", "dashboard": "dashboard"}
     if argv and argv[0] in tools:
         return importlib.import_module(tools[argv[0]]).main(argv[1:])
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank of a torchrun job: distributed.py joins the others
+        return importlib.import_module("distributed").main(argv)
+    import cli
+
+    configs, checkpoint, comment, dashboard_flag = cli.parse(argv)  # one line and exit 2 on bad input
+    return train(configs, checkpoint, comment, dashboard_flag)
+
+
+def train(configs: Configs, checkpoint=None, comment=None, dashboard_flag="off", ranks=None, rank_seed=None) -> int:
+    """Train, reporting to labml; its exit status. Under torchrun (`ranks`), rank 0 alone reports
+    and keeps the run folder, and each rank draws its actions from a stream seeded by `rank_seed`."""
     import cli
     import dashboard
     import plots
     import run_files
 
-    configs, checkpoint, comment, dashboard_flag = cli.parse(argv)  # one line and exit 2 on bad input
-    url = dashboard.connect(dashboard_flag)
-    writers = {"screen", "sqlite"} | ({"web_api"} if url else set())
-    experiment.create(name="ppo_breakout", comment=comment, writers=writers)
-    run = run_files.RunFolder(configs, resumed=checkpoint is not None)
+    lead = ranks is None or ranks.rank == 0
+    url = dashboard.connect(dashboard_flag) if lead else None
+    if lead:
+        writers = {"screen", "sqlite"} | ({"web_api"} if url else set())
+        experiment.create(name="ppo_breakout", comment=comment, writers=writers)
+    run = run_files.RunFolder(configs, resumed=checkpoint is not None) if lead else None
     trainer = None
 
     def after_update(stats: Dict[str, float]):
-        if run.keep(trainer, stats):  # the metrics every update, a checkpoint when one is due
+        if run is not None and run.keep(trainer, stats):  # the metrics every update, a checkpoint when due
             plots.refresh_curve(run.path)
 
     try:
-        trainer = Trainer(configs, checkpoint=checkpoint)
-        hyperparams = {k: getattr(trainer, k) for k in DYNAMIC}
-        experiment.configs({**dataclasses.asdict(configs), **hyperparams, "resumed_from": comment or ""})
-        if comment:
-            print(comment)
-        with cli.stop_handlers(trainer), experiment.start():
+        trainer = Trainer(configs, checkpoint=checkpoint, ranks=ranks)
+        if rank_seed is not None:
+            torch.manual_seed(rank_seed)
+        if lead:
+            hyperparams = {k: getattr(trainer, k) for k in DYNAMIC}
+            experiment.configs({**dataclasses.asdict(configs), **hyperparams, "resumed_from": comment or ""})
+            if comment:
+                print(comment)
+        with (
+            cli.stop_handlers(trainer, again_stops=ranks is None),
+            experiment.start() if lead else contextlib.nullcontext(),
+        ):
             if url:
                 dashboard.claim_run(url, experiment.get_uuid())
             trainer.run_training_loop(after_update)
     except (KeyboardInterrupt, cli.StopRequested, WorkerError, run_files.RunFileError, OSError) as e:
-        return cli.exit_code(e, run)
+        return cli.exit_code(e, run, ranks)
     finally:
         if trainer is not None:
             trainer.destroy()
-    if trainer.stop_requested:
+    if trainer.stop_requested and lead:
         print(f"Stopped at update {trainer.update}; checkpoint and metrics are in {run.path}", file=sys.stderr)
-        return 128 + trainer.stop_requested
-    return 0
+    return 128 + trainer.stop_requested if trainer.stop_requested else 0
 
 
 if __name__ == "__main__":

@@ -108,6 +108,20 @@ def load_checkpoint(path, game: Optional[str] = None) -> Tuple[Path, dict]:
     return path, state
 
 
+JOB_FILE = "torchrun_job"  # in a run folder a torchrun job made: the job's TORCHELASTIC_RUN_ID
+
+
+def job_checkpoint(job: str) -> Optional[str]:
+    """The newest checkpoint of the torchrun job `job` (over all the run folders it made), or None."""
+    from labml import lab
+
+    runs = [
+        f.parent for f in Path(lab.get_experiments_path()).glob(f"ppo_breakout/*/{JOB_FILE}") if f.read_text() == job
+    ]
+    found = sorted((c for run in runs for c in run.glob("checkpoints/update_*.pt")), key=lambda c: c.name)
+    return str(found[-1]) if found else None
+
+
 def resume(path, explicit: dict) -> Tuple[dict, str]:
     """The checkpoint to go on from, and the run's comment; `explicit` holds the flags given."""
     try:
@@ -131,11 +145,14 @@ class RunFolder:
 
         self.path = Path(experiment_singleton().run.run_path)
         self.configs, self.resumed = configs, resumed
+        self.job = os.environ.get("TORCHELASTIC_RUN_ID")  # torchrun's job: its restarts go on from here
 
     def keep(self, trainer: "ppo.Trainer", stats: Dict[str, float]) -> bool:
         """Write the update's metrics and, every `checkpoint_every` updates and at the end however
         the run ends, a checkpoint; True when it wrote one."""
         write_metrics(self.path, trainer, stats)
+        if self.job is not None and not (self.path / JOB_FILE).exists():
+            (self.path / JOB_FILE).write_text(self.job)
         c = self.configs
         if trainer.update % c.checkpoint_every == 0 or trainer.update == c.updates or trainer.stop_requested:
             save_checkpoint(trainer, self.path, c.keep_checkpoints)

@@ -12,12 +12,25 @@ from conftest import ROOT, TINY, _alive, assert_gone, descendants
 from ppo_breakout import OBS_SHAPE, Game, Trainer, Worker, WorkerError
 
 
+def step(worker: Worker, action: int):
+    """One step through the worker, as the Trainer takes it: (frame stack, reward, done, info)."""
+    worker.send("step", action)
+    reward, done, info = worker.receive()
+    return worker.obs.copy(), reward, done, info
+
+
+def reset(worker: Worker) -> np.ndarray:
+    worker.send("reset")
+    assert worker.receive() is None
+    return worker.obs.copy()
+
+
 def test_step_reset_close_round_trip():
     worker = Worker(seed=5, index=0)
     try:
-        obs = worker.reset()
+        obs = reset(worker)
         np.testing.assert_array_equal(obs, Game(seed=5).reset())
-        obs, reward, done, info = worker.step(1)
+        obs, reward, done, info = step(worker, 1)
         assert obs.shape == OBS_SHAPE and obs.dtype == np.uint8
         assert reward in (0.0, 1.0) and done in (False, True)
     finally:
@@ -33,10 +46,10 @@ def test_a_whole_game_through_a_worker_matches_the_game_played_in_process():
     rng = np.random.default_rng(0)
     score = 0.0
     try:
-        np.testing.assert_array_equal(worker.reset(), game.reset())
+        np.testing.assert_array_equal(reset(worker), game.reset())
         for t in range(20_000):
             action = int(rng.integers(4))
-            obs, reward, done, info = worker.step(action)
+            obs, reward, done, info = step(worker, action)
             expected_obs, expected_reward, expected_done, expected_info = game.step(action)
             np.testing.assert_array_equal(obs, expected_obs, err_msg=f"step {t}")
             assert (reward, done, info) == (expected_reward, expected_done, expected_info), t
@@ -65,7 +78,8 @@ def test_a_worker_exits_by_itself_when_its_trainer_is_killed():
 
         ppo_breakout.ctypes = NoPrctl
         worker = ppo_breakout.Worker(seed=0)
-        worker.reset()
+        worker.send("reset")
+        worker.receive()
         print(worker.process.pid, flush=True)
         time.sleep(60)
         """

@@ -1,0 +1,209 @@
+"""The experiment under torchrun: real ranks over gloo on the CPU, real game workers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, TINY_FLAGS, checkpointed_last_update, copy_script, descendants, metrics_files, wait_for
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def torchrun(folder: Path, *args, restarts: int = 0) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node=2 ppo_breakout.py args...` in `folder`, in a session
+    of its own; its output goes to folder/torchrun.log."""
+    return subprocess.Popen(
+        [*TORCHRUN, f"--max-restarts={restarts}", "ppo_breakout.py", "--dashboard", "off", *args],
+        cwd=folder,
+        stdout=open(folder / "torchrun.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def rank_pid(torchrun_pid: int, rank: int, worker: bool = False) -> int:
+    """The pid of the ppo_breakout.py process of `rank` under torchrun, or of its first game worker."""
+    for pid in descendants(torchrun_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and (parent == torchrun_pid) != worker:
+            return pid
+    raise AssertionError(f"no rank {rank} under {torchrun_pid}")
+
+
+def run_script(tmp_path: Path, body: str) -> str:
+    """`body` run by 2 ranks under torchrun, after `import ppo_breakout as ppo, distributed`; what
+    rank 0 prints."""
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+        "import torch, torch.distributed as dist\nimport ppo_breakout as ppo, distributed\n" + textwrap.dedent(body)
+    )
+    result = subprocess.run([*TORCHRUN, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_two_ranks_train_one_policy_into_one_run_folder(tmp_path):
+    folder = copy_script(tmp_path, "distributed.py")
+    job = torchrun(folder, "--updates", "3", "--checkpoint-every", "1", *TINY_FLAGS)
+    assert job.wait(timeout=300) == 0, (folder / "torchrun.log").read_text()[-3000:]
+    (run,) = folder.glob("logs/ppo_breakout/*")  # one run folder, written by rank 0 alone
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # every update sampled 2 ranks x 2 workers x 16 steps
+    assert [r["env_steps"] for r in records] == [64, 128, 192]
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == [f"update_{u:07d}.pt" for u in (1, 2, 3)]
+    assert (run / "torchrun_job").read_text()
+
+
+def test_the_ranks_keep_identical_weights_count_every_ranks_games_and_take_a_dashboard_change_together(tmp_path):
+    out = run_script(
+        tmp_path,
+        f"""
+        ranks = distributed.Ranks("gloo")
+        local = []
+        gather = ranks.all_games
+        ranks.all_games = lambda games: (local.append(list(games)), gather(games))[1]
+        # 200 steps a worker: games of a random policy end in that time
+        trainer = ppo.Trainer(ranks=ranks, **dict({TINY!r}, worker_steps=200, batches=4))
+        torch.manual_seed(ranks.rank)  # each rank its own actions, as distributed.main does
+        used = [trainer.train(trainer.sample())["clip_range"]]
+        if ranks.rank == 0:
+            ranks.live["clip_range"].set_value(0.2)  # what labml does with a change from the dashboard
+        used.append(trainer.train(trainer.sample())["clip_range"])
+        weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        everyone = [None] * 2
+        dist.all_gather_object(everyone, (used, weights, local, trainer.games, list(trainer.episode_rewards)))
+        trainer.destroy()
+        if ranks.rank == 0:
+            (used0, w0, local0, games0, rewards0), (used1, w1, local1, games1, rewards1) = everyone
+            assert used0 == used1 == [0.1, 0.2], (used0, used1)
+            assert torch.equal(w0, w1), "the ranks' weights differ"
+            assert games0 == games1 == local0[-1] + local1[-1] and local0[-1] and local1[-1]
+            assert rewards0 == rewards1 and len(rewards0) == sum(len(g) for g in local0 + local1)
+            print("ok")
+        ranks.close()
+        """,
+    )
+    assert out.strip().endswith("ok")
+
+
+def test_a_minibatch_step_with_two_ranks_equals_one_process_on_the_same_samples(tmp_path):
+    out = run_script(
+        tmp_path,
+        f"""
+        ranks = distributed.Ranks("gloo")
+        config = dict({TINY!r}, precision="fp32")
+        torch.manual_seed(7)  # the same minibatch of 64 samples on both ranks; each takes its half
+        batch = dict(
+            obs=torch.randint(0, 256, (64, 4, 84, 84), dtype=torch.uint8),
+            actions=torch.randint(0, 4, (64,)),
+            values=torch.randn(64),
+            log_pis=torch.log(torch.rand(64) * 0.5 + 0.1),
+            advantages=torch.randn(64) * 2 + 0.5,
+        )
+        dynamic = dict(clip_range=0.1, value_loss_coef=0.5, entropy_bonus_coef=0.01)
+        half = {{k: v[32 * ranks.rank : 32 * (ranks.rank + 1)] for k, v in batch.items()}}
+        with ppo.Trainer(ranks=ranks, **config) as shared:
+            shared._train_step(half, **dynamic)
+            weights = torch.cat([p.detach().flatten() for p in shared.model.parameters()])
+        if ranks.rank == 0:
+            with ppo.Trainer(**config) as alone:  # the same initial weights, from the same seed
+                alone._train_step(batch, **dynamic)
+                expected = torch.cat([p.detach().flatten() for p in alone.model.parameters()])
+            print("max difference", (weights - expected).abs().max().item())
+            assert torch.allclose(weights, expected, rtol=1e-4, atol=1e-6)
+            print("ok")
+        ranks.close()
+        """,
+    )
+    assert out.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("worker", [False, True], ids=["the rank", "a game worker of the rank"])
+def test_a_killed_rank_ends_the_job_within_60_s_naming_it_and_leaves_no_process(tmp_path, worker):
+    folder = copy_script(tmp_path, "distributed.py")
+    job = torchrun(folder, "--updates", "100000", *TINY_FLAGS)
+    try:
+        wait_for(lambda: metrics_files(folder), 120, "the first update")
+        os.kill(rank_pid(job.pid, 1, worker), signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = job.wait(timeout=60)
+        assert time.monotonic() - killed_at < 60
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    log = (folder / "torchrun.log").read_text()
+    assert code != 0
+    assert "Root Cause (first observed failure):" in log, log[-3000:]
+    root_cause = log.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root_cause, log[-3000:]
+    if worker:
+        assert "error: rank 1: worker 0 (pid" in log and "died: killed by signal SIGKILL" in log, log[-3000:]
+    else:
+        assert "Signal 9 (SIGKILL)" in root_cause, log[-3000:]
+
+
+def test_under_max_restarts_a_killed_rank_is_restarted_and_the_job_goes_on_from_its_checkpoint(tmp_path):
+    folder = copy_script(tmp_path, "distributed.py")
+    job = torchrun(folder, "--updates", "16", "--checkpoint-every", "4", *TINY_FLAGS, restarts=1)
+    try:
+        first = wait_for(lambda: metrics_files(folder), 120, "the first update")[0]
+        wait_for(lambda: len(first.read_text().splitlines()) >= 6, 120, "6 updates")
+        os.kill(rank_pid(job.pid, 1), signal.SIGKILL)
+        assert job.wait(timeout=300) == 0, (folder / "torchrun.log").read_text()[-3000:]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    runs = sorted(folder.glob("logs/ppo_breakout/*"), key=lambda run: (run / "metrics.jsonl").stat().st_mtime)
+    assert len(runs) == 2 and len({(run / "torchrun_job").read_text() for run in runs}) == 1
+    resumed = [json.loads(line) for line in (runs[1] / "metrics.jsonl").read_text().splitlines()]
+    # it went on from the newest checkpoint (one every 4 updates), losing only the updates after it
+    assert (resumed[0]["update"] - 1) % 4 == 0 and resumed[0]["update"] > 4 and resumed[-1]["update"] == 16
+    assert (runs[1] / "checkpoints" / "update_0000016.pt").exists()
+
+
+def test_sigterm_to_torchrun_ends_the_update_on_every_rank_with_one_checkpoint(tmp_path):
+    folder = copy_script(tmp_path, "distributed.py")
+    job = torchrun(folder, "--updates", "100000", *TINY_FLAGS)
+    try:
+        wait_for(lambda: metrics_files(folder), 120, "the first update")
+        job.send_signal(signal.SIGTERM)
+        job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    run, last_update = checkpointed_last_update(folder)
+    assert len(list((run / "checkpoints").glob("*.pt"))) == 1
+    assert f"Stopped at update {last_update}" in (folder / "torchrun.log").read_text()
+
+
+BAD_INPUTS = [
+    (["--batches", "3"], "argument --batches: 3 does not divide"),
+    (["--backend", "nccl"], "argument --backend: nccl needs CUDA"),
+    (["--device-ids", "0"], "argument --device-ids: 1 GPUs for 2 ranks on this machine"),
+]
+if not torch.cuda.is_available():
+    BAD_INPUTS.append((["--device-ids", "0,0"], "argument --device-ids: names GPUs, but the device is the CPU"))
+
+
+@pytest.mark.parametrize("args,problem", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_under_torchrun_is_one_line_from_rank_0_before_any_game_starts(tmp_path, args, problem):
+    folder = copy_script(tmp_path, "distributed.py")
+    job = torchrun(folder, *TINY_FLAGS, *args)
+    assert job.wait(timeout=120) != 0
+    log = (folder / "torchrun.log").read_text()
+    ours = [line for line in log.splitlines() if line.startswith("ppo_breakout.py: error:")]
+    assert len(ours) == 1 and problem in ours[0], log[-3000:]
+    assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log  # torchrun's own is its report
+    assert not (folder / "logs").exists(), "no run was started"
