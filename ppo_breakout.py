@@ -928,7 +928,8 @@ class Trainer:
 # ## Entry point
 #
 # The experiment run with labml. The tools beside this file do the rest: cli.py reads the flags and
-# the stop signals, run_files.py keeps the run folder, dashboard.py finds the dashboard.
+# the stop signals, run_files.py keeps the run folder, dashboard.py finds the dashboard, and under
+# torchrun distributed.py joins this process to the job's others.
 
 
 def main(argv: Optional[List[str]] = None) -> int:
