@@ -7,6 +7,7 @@ Speed of ppo_breakout on this machine, measured with the real Worker and Trainer
     python bench.py --random-policy --episodes 30          # a random policy's whole-game score
     python bench.py --learn --steps 1000000 [training flags]  # a learning run, summarised
     python bench.py --summarise RUN_FOLDER [--steps N]        # the same summary for a run (at N steps)
+    python bench.py --ranks 2 [training flags]                # the loop under torchrun: 1 rank, then 2
 
 Prints, for one configuration: env-only steps/s through our Workers and through ale-py's C++
 AtariVectorEnv with the same games and preprocessing (side by side, with the ratio); rollout
@@ -15,9 +16,21 @@ after a warm-up; the ceiling that arithmetic alone puts on the loop (the model's
 update, at this machine's measured matrix-product rate); and the peak memory of all processes.
 Figures are medians or totals of one run, so compare ratios within a run: machines here are
 shared and noisy.
+
+`--ranks N` measures the whole loop under torchrun instead (distributed.py): one run with 1 rank,
+then one with N, each for --warmup + --measure updates in a temporary folder of its own holding a
+copy of the script, with the same per-rank training flags (so N ranks sample N times the env steps
+of an update). It prints each run's env steps/s over its measured updates, read from rank 0's
+metrics.jsonl (the time stamps of the last warm-up and the last measured update, so rank 0's
+files between updates count; with --warmup 0, the updates' own steps_per_second), their ratio, and
+the same figure from the updates' steps_per_second alone (sampling and training, without the
+files). On a GPU, N ranks share GPU 0 where there are fewer GPUs than ranks. N ranks on fewer
+cores than they have workers and threads compete for them: there the ratio says what it costs.
 """
 
 import argparse
+import contextlib
+import dataclasses
 import math
 import os
 import platform
@@ -38,8 +51,8 @@ import ppo_breakout as ppo
 from plots import read_metrics
 from run_files import RunFileError
 
-# CleanRL's ppo_atari.py after 1M steps of Breakout, seed 1, on this project's 2-core CPU class:
-# the mean whole-game score of its last 100 games, the learning check's bar
+# the learning check's bar: the mean whole-game score of CleanRL's ppo_atari.py over its last 100
+# games after 1M steps of Breakout (docs/results.md says where and how it was measured)
 CLEANRL_1M_SCORE = 20.5
 
 
@@ -292,6 +305,205 @@ def summarise(
         print(f"target: mean of 100 games first above {target} at {passed['env_steps']} steps, {elapsed(passed):.0f} s")
 
 
+# The files `python ppo_breakout.py` needs beside it under torchrun: the experiment and its tools.
+SCRIPT_FILES = (
+    "ppo_breakout.py",
+    "cli.py",
+    "run_files.py",
+    "plots.py",
+    "evaluate.py",
+    "dashboard.py",
+    "distributed.py",
+    ".labml.yaml",
+)
+
+
+def training_flags(c: "ppo.Configs") -> List[str]:
+    """The flags that give `c` to ppo_breakout.py: each setting that differs from its default,
+    but --updates and --device-ids, which compare_ranks sets for each run."""
+    default, argv = ppo.Configs(), []
+    for field in dataclasses.fields(c):
+        value = getattr(c, field.name)
+        if field.name in ("updates", "device_ids") or value == getattr(default, field.name):
+            continue
+        flag = cli.flag_of(field.name)
+        if field.type is bool:
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def device_ids(device: torch.device, ranks: int, gpus: int) -> str:
+    """--device-ids for `ranks` ranks on `device`: all on its GPU where there are fewer GPUs than
+    ranks or the device names one (cuda:1), else empty (rank r on GPU r, distributed.py's default)."""
+    if device.type != "cuda" or (device.index is None and ranks <= gpus):
+        return ""
+    return ",".join([str(device.index or 0)] * ranks)
+
+
+def loop_rate(records: List[dict], warmup: int) -> float:
+    """Env steps/s of the updates after the first `warmup`: from the time stamps of the last
+    warm-up and the last update, or without a warm-up from the updates' own steps_per_second."""
+    if warmup:
+        before, last = records[warmup - 1], records[-1]
+        return (last["env_steps"] - before["env_steps"]) / (last["time"] - before["time"])
+    return update_rate(records, 0)
+
+
+def update_rate(records: List[dict], warmup: int) -> float:
+    """Env steps/s of the updates after the first `warmup`, from their steps_per_second: their
+    sampling and training, without what the run does between updates (its files)."""
+    steps = [r["env_steps"] - (p["env_steps"] if p else 0) for p, r in zip([None, *records], records)][warmup:]
+    return sum(steps) / sum(s / r["steps_per_second"] for s, r in zip(steps, records[warmup:]))
+
+
+class RunFailed(Exception):
+    """A torchrun run that ended without its updates: one line saying which and why."""
+
+
+def compare_ranks(c: "ppo.Configs", ranks: int, warmup: int, measure: int) -> int:
+    """The whole loop under torchrun with 1 rank and with `ranks`, one after the other; prints
+    their env steps/s and the ratio. Its exit status: 1 if a run failed, 128 + the signal if
+    stopped. The first Ctrl-C, SIGTERM or hang-up goes to the running torchrun, which passes it on
+    to its ranks (each ends its update, as under torchrun alone); a second kills the run at once."""
+    device = ppo.select_device(c.device)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    ids = device_ids(device, ranks, gpus)
+    dtype = ppo.select_dtype(c.precision, device)
+    if device.type == "cuda":
+        gpu = device.index or 0
+        where = f"device cuda:{gpu} ({torch.cuda.get_device_name(gpu)}), " + (
+            f"{ranks} ranks share GPU {gpu} (--device-ids {ids})" if ids else f"{ranks} ranks on GPUs 0-{ranks - 1}"
+        )
+    else:
+        where = "device cpu"
+    # torchrun gives each of several ranks 1 torch thread, unless OMP_NUM_THREADS says otherwise
+    threads = os.environ.get("OMP_NUM_THREADS")
+    print(f"machine:   {machine()}")
+    print(
+        f"config:    {c.game}, {c.n_workers} workers x {c.worker_steps} steps per rank, {c.batches} minibatches, "
+        f"epochs {c.epochs}, {where}, precision {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}, "
+        f"torch threads per rank {threads or torch.get_num_threads()} (1 rank) and {threads or 1} ({ranks} ranks)",
+        flush=True,
+    )
+    argv = [*training_flags(c), "--dashboard", "off", "--updates", str(warmup + measure)]
+    stops, job = [], []  # the stop signals received; the torchrun process while one runs
+    leave_terminal = cli.terminal_leaver()
+
+    def on_stop(signum, frame):
+        if signum == signal.SIGHUP:
+            leave_terminal()  # its lines would fail
+        stops.append(signum)
+        if job and len(stops) == 1:
+            os.kill(job[0].pid, signum)  # not reaped before the wait below, so the pid is still its
+        elif job:
+            kill_job(job[0].pid)
+
+    previous = {signum: signal.signal(signum, on_stop) for signum in cli.stop_signals()}
+    rates, n = {}, 1
+    try:
+        for n in (1, ranks):
+            if stops:
+                break
+            run_ids = ids and ",".join(ids.split(",")[:n])
+            rates[n] = run_under_torchrun(n, [*argv, "--device-ids", run_ids], warmup, warmup + measure, stops, job)
+    except RunFailed as e:
+        if not stops:
+            print(f"bench.py: error: {e}", file=sys.stderr)
+            return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if stops:
+        name = "Ctrl-C" if stops[0] == signal.SIGINT else signal.Signals(stops[0]).name
+        print(f"bench.py: stopped by {name} during the {n}-rank run", file=sys.stderr)
+        return 128 + stops[0]
+    (loop_1, one), (loop_n, many) = rates[1], rates[ranks]
+    after = f"over {measure} updates after {warmup} warm-up"
+    print(
+        f"ranks:     1 rank {loop_1:8.0f} env steps/s | {ranks} ranks {loop_n:8.0f} env steps/s | "
+        f"ratio {loop_n / loop_1:.2f}, {after}"
+    )
+    print(
+        f"in update: 1 rank {one:8.0f} env steps/s | {ranks} ranks {many:8.0f} env steps/s | "
+        f"ratio {many / one:.2f}, sampling and training alone (steps_per_second)"
+    )
+    return 0
+
+
+def descendants(pid: int) -> List[int]:
+    """The processes under `pid` now (Linux /proc)."""
+    found, parents = [], [pid]
+    while parents:
+        children = []
+        for parent in parents:
+            for task in Path(f"/proc/{parent}/task").glob("*"):
+                with contextlib.suppress(OSError, ValueError):
+                    children += [int(c) for c in (task / "children").read_text().split()]
+        found += children
+        parents = children
+    return found
+
+
+def kill_job(pid: int):
+    """SIGKILL to a torchrun process not yet reaped, its process group and everything under it:
+    its ranks run in sessions of their own, and their game workers die with them."""
+    under = descendants(pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)  # its process group, held by its pid until it is reaped
+    for target in under:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signal.SIGKILL)
+
+
+def run_under_torchrun(
+    n: int, argv: List[str], warmup: int, updates: int, stops: list, job: list
+) -> Tuple[float, float]:
+    """`torchrun --standalone --nproc_per_node=n ppo_breakout.py argv...` for `updates` updates in
+    a temporary folder holding a copy of the script; the env steps/s of its updates after `warmup`
+    (loop_rate, update_rate). Nothing it started outlives it, nor does the folder."""
+    import subprocess
+    import tempfile
+
+    here = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory(prefix="bench_ranks_") as temporary:
+        folder = Path(temporary)
+        for name in SCRIPT_FILES:
+            (folder / name).write_bytes((here / name).read_bytes())
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+        with open(folder / "torchrun.log", "w") as log:
+            # a process group of its own: a Ctrl-C at the terminal reaches it once, from here;
+            # torchrun's own temporary files (its log folder) go into this folder
+            p = subprocess.Popen(
+                [*command, "ppo_breakout.py", *argv],
+                cwd=folder,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                process_group=0,
+                env={**os.environ, "TMPDIR": str(folder)},
+            )
+        try:
+            job.append(p)
+            if stops:  # a stop came while it started
+                os.kill(p.pid, stops[0])
+            os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # ended, not yet reaped
+        finally:
+            job.clear()
+            kill_job(p.pid)  # nothing after it has ended; everything if bench.py itself failed here
+            code = p.wait()
+        if code != 0:
+            lines = (folder / "torchrun.log").read_text(errors="replace").splitlines()
+            said = [line for line in lines if line.startswith("ppo_breakout.py: error:") or line.startswith("error:")]
+            raise RunFailed(f"the {n}-rank run failed with exit {code}" + (f": {said[0]}" if said else ""))
+        runs = list(folder.glob("logs/ppo_breakout/*"))
+        records = read_metrics(runs[0]) if len(runs) == 1 and (runs[0] / "metrics.jsonl").exists() else []
+        if len(records) != updates:
+            raise RunFailed(f"the {n}-rank run wrote {len(records)} updates' metrics, not {updates}")
+        return loop_rate(records, warmup), update_rate(records, warmup)
+
+
 def main():
     # every ppo_breakout.py flag (--epochs, --n-workers, --precision, ...) with the same default
     parser = argparse.ArgumentParser(
@@ -309,6 +521,12 @@ def main():
     parser.add_argument(
         "--steps", type=int, default=None, help="env steps for --learn (default 1,000,000); --summarise stops there"
     )
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        metavar="N",
+        help="only measure the whole loop under torchrun with 1 rank and with N (2 or more), side by side",
+    )
     parser.add_argument("--summarise", type=Path, metavar="RUN_FOLDER", help="only print --learn's line for a run")
     parser.add_argument(
         "--target", type=float, default=CLEANRL_1M_SCORE, help="--learn and --summarise say when the score passed it"
@@ -316,6 +534,8 @@ def main():
     args, _ = parser.parse_known_args()
     if args.steps is not None and args.steps <= 0:
         parser.error(f"argument --steps: must be positive, got {args.steps}")
+    if args.ranks is not None and args.ranks < 2:
+        parser.error(f"argument --ranks: must be 2 or more, got {args.ranks}")
     for name, least in (("env_steps", 1), ("warmup", 0), ("measure", 1), ("memory_updates", 0), ("episodes", 1)):
         if getattr(args, name) < least:
             parser.error(f"argument --{name.replace('_', '-')}: must be {least} or more, got {getattr(args, name)}")
@@ -340,6 +560,18 @@ def main():
         parser.error(f"argument {cli.flag_of(name)}: {problem}")
     if args.random_policy:
         return random_policy(c, args.episodes)
+    if args.ranks:
+        if c.device_ids:
+            parser.error("argument --device-ids: --ranks chooses each run's GPUs itself")
+        import distributed  # beside this file, as the script it runs
+
+        device = ppo.select_device(c.device)
+        ids = device_ids(device, args.ranks, torch.cuda.device_count() if device.type == "cuda" else 0)
+        try:  # what the ranks would refuse, refused here: --backend nccl on the CPU, no GPU 1
+            distributed.device_for(dataclasses.replace(c, device_ids=ids), 0, args.ranks)
+        except ValueError as e:
+            parser.error(str(e))
+        return compare_ranks(c, args.ranks, args.warmup, args.measure)
 
     # the Trainer's dynamic hyperparameters outside a labml experiment: fine here, nothing to steer
     warnings.filterwarnings("ignore", message="Register dynamic schedules")

@@ -1,5 +1,6 @@
-"""bench.py: the speed figures, a random policy's score, and --learn: the real training run,
-stopped however a user stops it, summarised in one line."""
+"""bench.py: the speed figures, a random policy's score, --learn: the real training run,
+stopped however a user stops it, summarised in one line, and --ranks: the loop under torchrun with
+1 rank and with N."""
 
 import contextlib
 import json
@@ -22,6 +23,7 @@ from conftest import (
     read_until,
     run_python,
     start_in_own_session,
+    wait_for,
     wait_for_first_update,
 )
 
@@ -184,6 +186,10 @@ def test_a_terminal_hang_up_during_learn_ends_the_training_with_a_checkpoint(tmp
         (["--memory-updates", "-2"], "argument --memory-updates: must be 0 or more"),
         (["--random-policy", "--episodes", "0"], "argument --episodes: must be 1 or more"),
         (["--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
+        (["--ranks", "1"], "argument --ranks: must be 2 or more, got 1"),
+        (["--ranks", "0"], "argument --ranks: must be 2 or more, got 0"),
+        (["--ranks", "2", "--device-ids", "0,0"], "argument --device-ids: --ranks chooses each run's GPUs itself"),
+        (["--ranks", "2", "--device", "cpu", "--backend", "nccl"], "argument --backend: nccl needs CUDA; use gloo"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_naming_it(tmp_path, monkeypatch, capsys, args, problem):
@@ -218,3 +224,110 @@ def test_summarise_can_stop_at_a_step_count(tmp_path, capsys):
     )
     with pytest.raises(bench.RunFileError, match="within 50 env steps"):
         bench.summarise(tmp_path, max_steps=50)
+
+
+# --ranks: a tiny comparison, 1 warm-up and 1 timed update for each run
+RANKS = ("--ranks", "2", "--warmup", "1", "--measure", "1", *TINY_FLAGS)
+
+
+@pytest.fixture
+def temporary(tmp_path, monkeypatch):
+    """The folder where bench.py (and the torchrun it starts) makes its temporary folders."""
+    folder = tmp_path / "temporary"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder
+
+
+def test_ranks_measures_the_loop_with_1_rank_and_with_2_side_by_side(tmp_path, temporary):
+    copy_script(tmp_path, "bench.py", "distributed.py")
+    result = run_python(tmp_path, "bench.py", *RANKS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["machine", "config", "ranks", "in update"], lines
+    assert lines[0] == f"machine:   {bench.machine()}"
+    assert "breakout, 2 workers x 16 steps per rank, 2 minibatches, epochs 1, device cpu, precision " in lines[1]
+    for line in lines[2:]:
+        one, two, ratio = re.search(
+            r"1 rank\s+(\d+) env steps/s \| 2 ranks\s+(\d+) env steps/s \| ratio ([\d.]+), ", line
+        ).groups()
+        assert int(one) > 0 and int(two) > 0, line
+        # the ratio of the unrounded figures: within what rounding them to whole numbers allows
+        one, two, ratio = int(one), int(two), float(ratio)
+        assert (two - 0.5) / (one + 0.5) - 0.005 <= ratio <= (two + 0.5) / (one - 0.5) + 0.005, line
+    assert lines[2].endswith("over 1 updates after 1 warm-up")
+    # each run in a temporary folder of its own, torchrun's files too: all gone, none here
+    assert list(temporary.iterdir()) == [], result.stderr[-2000:]
+    assert not (tmp_path / "logs").exists()
+
+
+def test_loop_rate_is_the_measured_updates_steps_over_their_wall_time():
+    records = [
+        {"env_steps": 64, "time": 10.0, "steps_per_second": 32.0},  # warm-up: 2 s
+        {"env_steps": 128, "time": 11.0, "steps_per_second": 128.0},  # 0.5 s, and 0.5 s between updates
+        {"env_steps": 192, "time": 12.0, "steps_per_second": 64.0},  # 1 s
+    ]
+    assert bench.loop_rate(records, 1) == 64.0  # 128 steps in 2 s of the clock
+    assert bench.update_rate(records, 1) == 128 / 1.5  # 128 steps in 0.5 + 1 s of updates
+    assert bench.loop_rate(records, 0) == bench.update_rate(records, 0) == 192 / 3.5
+
+
+def test_device_ids_put_2_ranks_on_one_gpu_only_where_there_are_fewer_gpus():
+    import torch
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert bench.device_ids(cuda, 2, 1) == "0,0"
+    assert bench.device_ids(cuda, 1, 1) == ""  # rank 0 on GPU 0, distributed.py's default
+    assert bench.device_ids(cuda, 2, 2) == ""
+    assert bench.device_ids(torch.device("cuda:1"), 2, 2) == "1,1"  # the GPU named
+    assert bench.device_ids(cpu, 2, 0) == ""
+
+
+def test_training_flags_give_the_same_configuration_to_ppo_breakout():
+    import cli
+
+    argv = [*TINY_FLAGS, "--no-channels-last", "--learning-rate", "0.00025", "--updates", "7", "--device-ids", "0"]
+    c = cli.configs_from(vars(cli.build_parser().parse_args(argv)))
+    flags = bench.training_flags(c)
+    assert "--updates" not in flags and "--device-ids" not in flags  # compare_ranks sets them
+    again = cli.configs_from(vars(cli.build_parser().parse_args([*flags, "--updates", "7", "--device-ids", "0"])))
+    assert again == c
+
+
+def test_a_failed_run_under_ranks_is_one_line_naming_it_and_exit_1(tmp_path, temporary):
+    # distributed.py that fails with 2 ranks, as a rank that cannot start does
+    copy_script(tmp_path, "bench.py", "distributed.py")
+    with open(tmp_path / "distributed.py", "a") as f:
+        f.write(
+            "\n\n_main = main\n\n\ndef main(argv):\n"
+            "    if os.environ['WORLD_SIZE'] != '1':\n"
+            "        print('ppo_breakout.py: error: planted failure', file=sys.stderr)\n"
+            "        return 3\n"
+            "    return _main(argv)\n"
+        )
+    result = run_python(tmp_path, "bench.py", *RANKS)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "bench.py: error: the 2-rank run failed with exit 1: ppo_breakout.py: error: planted failure"
+    ]
+    assert "ranks:" not in result.stdout
+    assert list(temporary.iterdir()) == []
+
+
+def test_ctrl_c_during_ranks_stops_the_torchrun_run_and_leaves_no_process(tmp_path, temporary):
+    copy_script(tmp_path, "bench.py", "distributed.py")
+    process = start_in_own_session(
+        tmp_path, "bench.py", "--ranks", "2", "--measure", "100000", *TINY_FLAGS, env={"TMPDIR": str(temporary)}
+    )
+    job = set()
+
+    def first_update():  # the 1-rank run has written its first update
+        wait_for(lambda: list(temporary.glob("*/logs/ppo_breakout/*/metrics.jsonl")), 120, "the first update")
+        job.update(descendants(process.pid))
+
+    _, stderr = ctrl_c(process, first_update)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines() == ["bench.py: stopped by Ctrl-C during the 1-rank run"]
+    assert len(job) == 4  # torchrun, its rank and the rank's 2 game workers
+    assert_gone(job)
+    assert list(temporary.iterdir()) == []
