@@ -31,7 +31,8 @@ The same experiment under torchrun: N processes (ranks) train one policy.
 - Faults: every collective times out after COLLECTIVE_TIMEOUT_S. A rank whose game worker dies
   ends with a line naming itself and the worker, and torchrun ends the other ranks. Under
   `torchrun --max-restarts K` a restarted job goes on from the newest checkpoint of its own job:
-  each run folder the job makes holds its TORCHELASTIC_RUN_ID.
+  each run folder the job makes holds the job's name, which its first attempt keeps in torchrun's
+  store (a new torchrun job has a store of its own, so it never takes another job's checkpoint).
 - Devices: gloo on the CPU, nccl on CUDA (gloo carries the small exchanges either way). Rank r
   uses cuda:LOCAL_RANK, or the GPU `--device-ids` names for it: `--device-ids 0,0` puts 2 ranks on
   one GPU. CUDA graphs are off under torchrun: the gradients' all-reduce sits inside the step.
@@ -42,6 +43,7 @@ import dataclasses
 import io
 import os
 import sys
+import uuid
 from datetime import timedelta
 from typing import List
 
@@ -78,6 +80,11 @@ class Ranks:
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and self.rank == 0
         store = dist.TCPStore(host, port, self.world_size, is_master=hosts, timeout=timeout)
+        # the job's name, made by its first attempt's rank 0 and kept in torchrun's store for the
+        # attempts after it: a new torchrun job has a new store, so it never takes another's checkpoints
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and self.rank == 0:
+            store.set("ppo_breakout/job", uuid.uuid4().hex)
+        self.job = store.get("ppo_breakout/job").decode()
         store = dist.PrefixStore(f"ppo_breakout/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
         # objects and flags go over gloo, on the CPU; the gradients too, unless over nccl
         dist.init_process_group("gloo", store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
@@ -184,13 +191,12 @@ def main(argv: List[str]) -> int:
         if device != "cpu":
             torch.cuda.set_device(device)
         # a restarted job (torchrun --max-restarts) goes on from its own newest checkpoint
-        job = os.environ["TORCHELASTIC_RUN_ID"]
-        found = ranks.from_rank_0(run_files.job_checkpoint(job) if rank == 0 else None)
+        found = ranks.from_rank_0(run_files.job_checkpoint(ranks.job) if rank == 0 else None)
         if found is not None:
             path, checkpoint = run_files.load_checkpoint(found)
             explicit = vars(cli.build_parser(defaults=False).parse_args(argv))
             configs = cli.configs_from({**checkpoint["configs"], **explicit})
-            comment = f"continues job {job} from update {checkpoint['update']} ({path})"
+            comment = f"continues job {ranks.job} from update {checkpoint['update']} ({path})"
         configs = dataclasses.replace(configs, device=device, cuda_graphs=False)
         seed = np.random.SeedSequence([configs.seed, rank, checkpoint["update"] if checkpoint else 0])
         action_seed = int(seed.generate_state(1)[0])

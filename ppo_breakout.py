@@ -960,7 +960,7 @@ def train(configs: Configs, checkpoint=None, comment=None, dashboard_flag="off",
     if lead:
         writers = {"screen", "sqlite"} | ({"web_api"} if url else set())
         experiment.create(name="ppo_breakout", comment=comment, writers=writers)
-    run = run_files.RunFolder(configs, resumed=checkpoint is not None) if lead else None
+    run = run_files.RunFolder(configs, checkpoint is not None, ranks.job if ranks else None) if lead else None
     trainer = None
 
     def after_update(stats: Dict[str, float]):

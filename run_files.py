@@ -108,7 +108,7 @@ def load_checkpoint(path, game: Optional[str] = None) -> Tuple[Path, dict]:
     return path, state
 
 
-JOB_FILE = "torchrun_job"  # in a run folder a torchrun job made: the job's TORCHELASTIC_RUN_ID
+JOB_FILE = "torchrun_job"  # in a run folder a torchrun job made: the job's name (distributed.Ranks.job)
 
 
 def job_checkpoint(job: str) -> Optional[str]:
@@ -140,12 +140,12 @@ def resume(path, explicit: dict) -> Tuple[dict, str]:
 class RunFolder:
     """The folder labml made for the current run."""
 
-    def __init__(self, configs: "ppo.Configs", resumed: bool):
+    def __init__(self, configs: "ppo.Configs", resumed: bool, job: Optional[str] = None):
         from labml.internal.experiment import experiment_singleton
 
         self.path = Path(experiment_singleton().run.run_path)
         self.configs, self.resumed = configs, resumed
-        self.job = os.environ.get("TORCHELASTIC_RUN_ID")  # torchrun's job: its restarts go on from here
+        self.job = job  # a torchrun job's name: its restarts go on from this folder's checkpoints
 
     def keep(self, trainer: "ppo.Trainer", stats: Dict[str, float]) -> bool:
         """Write the update's metrics and, every `checkpoint_every` updates and at the end however

@@ -54,7 +54,7 @@ def run_script(tmp_path: Path, body: str) -> str:
     return result.stdout
 
 
-def test_two_ranks_train_one_policy_into_one_run_folder(tmp_path):
+def test_two_ranks_train_one_policy_into_one_run_folder_and_a_new_job_starts_afresh(tmp_path):
     folder = copy_script(tmp_path, "distributed.py")
     job = torchrun(folder, "--updates", "3", "--checkpoint-every", "1", *TINY_FLAGS)
     assert job.wait(timeout=300) == 0, (folder / "torchrun.log").read_text()[-3000:]
@@ -63,7 +63,12 @@ def test_two_ranks_train_one_policy_into_one_run_folder(tmp_path):
     # every update sampled 2 ranks x 2 workers x 16 steps
     assert [r["env_steps"] for r in records] == [64, 128, 192]
     assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == [f"update_{u:07d}.pt" for u in (1, 2, 3)]
-    assert (run / "torchrun_job").read_text()
+    # a new job in the same folder starts afresh: it never takes the first job's checkpoints
+    job = torchrun(folder, "--updates", "4", *TINY_FLAGS)
+    assert job.wait(timeout=300) == 0, (folder / "torchrun.log").read_text()[-3000:]
+    (second,) = set(folder.glob("logs/ppo_breakout/*")) - {run}
+    assert json.loads((second / "metrics.jsonl").read_text().splitlines()[0])["update"] == 1
+    assert (run / "torchrun_job").read_text() != (second / "torchrun_job").read_text()
 
 
 def test_the_ranks_keep_identical_weights_count_every_ranks_games_and_take_a_dashboard_change_together(tmp_path):
