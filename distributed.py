@@ -24,7 +24,8 @@ The same experiment under torchrun: N processes (ranks) train one policy.
 - Dynamic hyperparameters: rank 0's values (where the dashboard writes them), taken at the start
   of each update and held by every rank for the whole update.
 - Reporting: rank 0 alone creates the labml experiment, prints the progress and keeps the run
-  folder; the statistics it reports are its own share's, the games everyone's.
+  folder; the losses, KL and clip fraction it reports are averaged over the ranks, the games are
+  everyone's; explained variance and the update's timing are rank 0's own.
 - Stopping: a stop signal on any rank ends the update on every rank (they agree after each
   update), with one checkpoint, written by rank 0. torchrun passes a signal it receives on to every
   rank: a rank acts on the first, and torchrun kills what has not ended after its shutdown timeout.
@@ -101,6 +102,12 @@ class Ranks:
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    def average(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of `x` over the ranks."""
+        x = x.clone()
+        dist.all_reduce(x, group=self.tensors)
+        return x / self.world_size
 
     def mean_std(self, x: torch.Tensor):
         """The mean and (unbiased) standard deviation of `x` over every rank's `x` together."""

@@ -805,8 +805,10 @@ class Trainer:
                     stats.append(self._train_step(mini_batch, **dynamic))
                 used.append(list(dynamic.values()))
                 self.optimizer_steps += 1
-        means = torch.stack(stats).double().mean(0).cpu().tolist()  # one copy from the device per update
-        means = dict(zip(STATS, means), **dict(zip(MINIBATCH_DYNAMIC, np.mean(used, axis=0).tolist())))
+        means = torch.stack(stats).double().mean(0)
+        if self.ranks:  # torchrun: the statistics of the whole job's minibatches
+            means = self.ranks.average(means)
+        means = dict(zip(STATS, means.cpu().tolist()), **dict(zip(MINIBATCH_DYNAMIC, np.mean(used, axis=0).tolist())))
         return {**means, "learning_rate": lr, "epochs": epochs}
 
     def _train_step(self, mini_batch: Dict[str, torch.Tensor], **dynamic) -> torch.Tensor:
