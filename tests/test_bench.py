@@ -295,12 +295,12 @@ def test_training_flags_give_the_same_configuration_to_ppo_breakout():
 
 
 def test_a_failed_run_under_ranks_is_one_line_naming_it_and_exit_1(tmp_path, temporary):
-    # distributed.py that fails with 2 ranks, as a rank that cannot start does
+    # distributed.py that fails at once, as a rank that cannot start does
     copy_script(tmp_path, "bench.py", "distributed.py")
     with open(tmp_path / "distributed.py", "a") as f:
         f.write(
             "\n\n_main = main\n\n\ndef main(argv):\n"
-            "    if os.environ['WORLD_SIZE'] != '1':\n"
+            "    if os.environ['WORLD_SIZE'] == '1':\n"
             "        print('ppo_breakout.py: error: planted failure', file=sys.stderr)\n"
             "        return 3\n"
             "    return _main(argv)\n"
@@ -308,7 +308,7 @@ def test_a_failed_run_under_ranks_is_one_line_naming_it_and_exit_1(tmp_path, tem
     result = run_python(tmp_path, "bench.py", *RANKS)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
-        "bench.py: error: the 2-rank run failed with exit 1: ppo_breakout.py: error: planted failure"
+        "bench.py: error: the 1-rank run failed with exit 1: ppo_breakout.py: error: planted failure"
     ]
     assert "ranks:" not in result.stdout
     assert list(temporary.iterdir()) == []
