@@ -71,6 +71,16 @@ def fail(prog: str, message: str) -> int:
     return 2
 
 
+def given_flags(argv: List[str]) -> dict:
+    """The settings `argv` gives, and only those."""
+    return vars(build_parser(defaults=False).parse_args(argv))
+
+
+def resumed_configs(checkpoint: dict, argv: List[str]) -> "ppo.Configs":
+    """A checkpoint's configuration, with the flags `argv` gives overriding it."""
+    return configs_from({**checkpoint["configs"], **given_flags(argv)})
+
+
 class BadInput(SystemExit):
     """Bad input, already reported on stderr in one line: exit 2."""
 
@@ -82,12 +92,11 @@ def parse(argv: List[str]) -> Tuple["ppo.Configs", Optional[dict], Optional[str]
     args = vars(parser.parse_args(argv))
     configs, checkpoint, comment = configs_from(args), None, None
     if args["resume"]:
-        explicit = vars(build_parser(defaults=False).parse_args(argv))  # they override the checkpoint's
         try:
-            checkpoint, comment = run_files.resume(args["resume"], explicit)
+            checkpoint, comment = run_files.resume(args["resume"], given_flags(argv))
         except run_files.CheckpointError as e:
             raise BadInput(fail(parser.prog, str(e)))
-        configs = configs_from({**checkpoint["configs"], **explicit})
+        configs = resumed_configs(checkpoint, argv)
     errors = config_errors(configs)
     problem = dashboard_flag_problem(args["dashboard"])
     errors += [("dashboard", problem)] if problem else []
@@ -119,7 +128,12 @@ def config_errors(c: "ppo.Configs") -> List[Tuple[str, str]]:
         errors.append(("adam_eps", f"must be positive, got {c.adam_eps}"))
     if ppo.rom_path(c.game) is None:
         errors.append(("game", f"ale-py ships no ROM named {c.game!r} (for example: breakout, pong, space_invaders)"))
-    for name, choices in (("lr_schedule", ("constant", "linear")), ("precision", ("auto", "fp32", "bf16"))):
+    choices_of = {
+        "lr_schedule": ("constant", "linear"),
+        "precision": ("auto", "fp32", "bf16"),
+        "backend": ("auto", "gloo", "nccl"),
+    }
+    for name, choices in choices_of.items():
         if getattr(c, name) not in choices:
             errors.append((name, f"must be {', '.join(choices[:-1])} or {choices[-1]}, got {getattr(c, name)!r}"))
     cpus = os.cpu_count() or 1
@@ -156,7 +170,10 @@ MEMORY = dict(base=288 * 2**20, worker=32 * 2**20, sample=128 * 2**10, minibatch
 
 def memory_errors(c: "ppo.Configs") -> List[Tuple[str, str]]:
     """A run that cannot fit in this machine's memory is refused before it starts a worker."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return []  # not every platform says
     samples, have = c.n_workers * c.worker_steps, f"more than this machine's {total / 2**30:.1f} GiB"
     workers = MEMORY["base"] + c.n_workers * MEMORY["worker"]
     needed, minibatches = workers + samples * MEMORY["sample"], ""

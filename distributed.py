@@ -74,7 +74,6 @@ class Ranks:
 
     def __init__(self, backend: str):
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        self.local_rank, self.local_world_size = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
         timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
         # the store of this attempt alone: after a restart (--max-restarts), torchrun's store still
         # holds the addresses of the attempt before, whose processes are gone
@@ -148,9 +147,8 @@ class Ranks:
 
 
 def device_for(c: "ppo.Configs", local_rank: int, local_world_size: int) -> str:
-    """The device of this rank, or raises ValueError naming what is wrong."""
-    if c.backend not in ("auto", "gloo", "nccl"):
-        raise ValueError(f"argument --backend: must be auto, gloo or nccl, got {c.backend!r}")
+    """The device of this rank, or raises ValueError naming what is wrong (cli.config_errors has
+    checked the settings that do not depend on the rank)."""
     try:
         ids = [int(i) for i in c.device_ids.split(",")] if c.device_ids else None
     except ValueError:
@@ -201,8 +199,7 @@ def main(argv: List[str]) -> int:
         found = ranks.from_rank_0(run_files.job_checkpoint(ranks.job) if rank == 0 else None)
         if found is not None:
             path, checkpoint = run_files.load_checkpoint(found)
-            explicit = vars(cli.build_parser(defaults=False).parse_args(argv))
-            configs = cli.configs_from({**checkpoint["configs"], **explicit})
+            configs = cli.resumed_configs(checkpoint, argv)
             comment = f"continues job {ranks.job} from update {checkpoint['update']} ({path})"
         configs = dataclasses.replace(configs, device=device, cuda_graphs=False)
         seed = np.random.SeedSequence([configs.seed, rank, checkpoint["update"] if checkpoint else 0])

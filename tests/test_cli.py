@@ -35,6 +35,7 @@ BAD_INPUTS = [
     (["--worker-steps", "0"], "--worker-steps", "positive"),
     (["--batches", "0"], "--batches", "positive"),
     (["--batches", "3"], "--batches", "does not divide"),
+    (["--backend", "mpi"], "--backend", "must be auto, gloo or nccl, got 'mpi'"),
     (["--n-workers", "3", "--worker-steps", "10", "--batches", "4"], "--batches", "does not divide"),
     (["--learning-rate", "-0.001"], "--learning-rate", "negative"),
     (["--value-loss-coef", "-1"], "--value-loss-coef", "negative"),

@@ -206,7 +206,6 @@ def test_bad_input_under_torchrun_is_one_line_from_rank_0_before_any_game_starts
 
 
 DEVICE_PROBLEMS = [
-    (dict(backend="mpi"), 0, 2, "argument --backend: must be auto, gloo or nccl, got 'mpi'"),
     (dict(device_ids="0,x"), 0, 2, "argument --device-ids: GPU numbers separated by commas, got '0,x'"),
     (dict(device_ids="0"), 0, 2, "argument --device-ids: 1 GPUs for 2 ranks on this machine"),
     (dict(device="cpu", device_ids="0,0"), 1, 2, "argument --device-ids: names GPUs, but the device is the CPU"),
