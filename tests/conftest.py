@@ -21,6 +21,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# the files `python ppo_breakout.py` needs beside it, as bench.py copies them for its torchrun runs
+from bench import SCRIPT_FILES  # noqa: E402
+from cli import flag_of  # noqa: E402
+
 # The one configuration the tests train with: the smallest that still has several workers,
 # several minibatches and several samples per minibatch.
 TINY = dict(n_workers=2, worker_steps=16, batches=2, epochs=1, seed=5)
@@ -28,15 +32,12 @@ TINY = dict(n_workers=2, worker_steps=16, batches=2, epochs=1, seed=5)
 
 def flags(config: dict) -> List[str]:
     """`config` as command-line flags: {"n_workers": 2} -> ["--n-workers", "2"]."""
-    return [arg for name, value in config.items() for arg in ("--" + name.rstrip("_").replace("_", "-"), str(value))]
+    return [arg for name, value in config.items() for arg in (flag_of(name), str(value))]
 
 
 TINY_FLAGS = flags(TINY)
 # a run far longer than any test waits for: the tests stop it
 LONG_RUN = ["--updates", "100000", *TINY_FLAGS]
-
-# The files `python ppo_breakout.py` needs beside it: the experiment and the tools it calls.
-SCRIPT_FILES = ("ppo_breakout.py", "cli.py", "run_files.py", "plots.py", "evaluate.py", "dashboard.py", ".labml.yaml")
 
 
 def copy_script(folder: Path, *also: str) -> Path:

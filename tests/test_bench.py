@@ -240,7 +240,7 @@ def temporary(tmp_path, monkeypatch):
 
 
 def test_ranks_measures_the_loop_with_1_rank_and_with_2_side_by_side(tmp_path, temporary):
-    copy_script(tmp_path, "bench.py", "distributed.py")
+    copy_script(tmp_path, "bench.py")
     result = run_python(tmp_path, "bench.py", *RANKS)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
@@ -296,7 +296,7 @@ def test_training_flags_give_the_same_configuration_to_ppo_breakout():
 
 def test_a_failed_run_under_ranks_is_one_line_naming_it_and_exit_1(tmp_path, temporary):
     # distributed.py that fails at once, as a rank that cannot start does
-    copy_script(tmp_path, "bench.py", "distributed.py")
+    copy_script(tmp_path, "bench.py")
     with open(tmp_path / "distributed.py", "a") as f:
         f.write(
             "\n\n_main = main\n\n\ndef main(argv):\n"
@@ -315,7 +315,7 @@ def test_a_failed_run_under_ranks_is_one_line_naming_it_and_exit_1(tmp_path, tem
 
 
 def test_ctrl_c_during_ranks_stops_the_torchrun_run_and_leaves_no_process(tmp_path, temporary):
-    copy_script(tmp_path, "bench.py", "distributed.py")
+    copy_script(tmp_path, "bench.py")
     process = start_in_own_session(
         tmp_path, "bench.py", "--ranks", "2", "--measure", "100000", *TINY_FLAGS, env={"TMPDIR": str(temporary)}
     )

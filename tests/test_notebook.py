@@ -160,10 +160,10 @@ def run_cell(client, source: str, timeout: float = 300) -> str:
             return text
 
 
-def running(client, msg_id: str) -> bool:
-    """The next message of the kernel says it started running cell `msg_id`."""
+def printed(client, msg_id: str, text: str) -> bool:
+    """The next message of the kernel is cell `msg_id` printing `text`."""
     msg = client.get_iopub_msg(timeout=30)
-    return msg["parent_header"].get("msg_id") == msg_id and msg["content"].get("execution_state") == "busy"
+    return msg["parent_header"].get("msg_id") == msg_id and text in msg["content"].get("text", "")
 
 
 def test_interrupting_the_training_cell_checkpoints_and_leaves_no_process_and_training_runs_again(tmp_path):
@@ -202,8 +202,9 @@ def test_interrupting_the_training_cell_checkpoints_and_leaves_no_process_and_tr
         assert "exit status 0" in text and len(list(folder.glob("logs/ppo_breakout/*"))) == 2
         assert not descendants(kernel)
         # and an Interrupt after training is the kernel's KeyboardInterrupt again, not the run's handler
-        msg_id = client.execute("import time; time.sleep(30)")
-        wait_for(lambda: running(client, msg_id), 30, "the cell to start", every=0)
+        # (ipykernel drops an interrupt that comes before its cell runs: wait for the cell's own line)
+        msg_id = client.execute("import time; print('sleeping', flush=True); time.sleep(30)")
+        wait_for(lambda: printed(client, msg_id, "sleeping"), 30, "the cell to run", every=0)
         manager.interrupt_kernel()
         reply = client.get_shell_msg(timeout=30)
         while reply["parent_header"].get("msg_id") != msg_id:  # the replies to the cells before
