@@ -168,7 +168,8 @@ def select_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
 #
 # labml's `game.py` reset the whole game at every lost life, so its reported "reward" was a
 # one-life score. Here a lost life only ends the *training* episode (`done`, which cuts GAE); the
-# game goes on, and the score reported in `info` is the whole game over all lives.
+# game goes on from a fresh frame stack, and the score reported in `info` is the whole game over
+# all lives.
 
 FRAME_SKIP = 4  # frames per agent step (Mnih et al. 2015)
 NOOP_MAX = 30  # at most this many no-op frames at the start of a game, for varied starts
@@ -255,6 +256,12 @@ class Game:
         if game_over:
             info = {"reward": self.score, "length": self.length}
             self.reset()
+        elif life_lost:
+            # a new life starts a fresh stack of its first frame, as the published preprocessing's
+            # autoreset after EpisodicLifeEnv refills FrameStack (CleanRL, SB3): nothing of the
+            # previous life is seen after its `done`
+            self._push_frame()
+            self.obs_4[:-1] = self.obs_4[-1]
         else:
             self._push_frame()
         if self.clip_rewards:

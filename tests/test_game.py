@@ -60,6 +60,23 @@ def test_a_lost_life_is_done_while_the_game_goes_on_and_info_comes_once_per_game
     assert game.ale.lives() == lives
 
 
+def test_a_lost_life_starts_a_fresh_frame_stack_of_the_new_frame():
+    game = Game(seed=3)
+    previous = game.reset().copy()
+    rng = np.random.default_rng(4)
+    lives_lost = 0
+    while lives_lost < 2:
+        obs, _, done, info = game.step(int(rng.integers(4)))
+        if done and info is None:  # a life lost, the game goes on
+            lives_lost += 1
+            for k in range(3):
+                np.testing.assert_array_equal(obs[k], obs[-1], err_msg=f"frame {k} carried over from the lost life")
+            assert not np.array_equal(obs[-1], previous[-1]), "the new life's frame is a new screen"
+        elif not done:
+            np.testing.assert_array_equal(obs[:3], previous[1:])
+        previous = obs.copy()
+
+
 def test_training_reward_is_the_sign_of_the_game_reward():
     clipped, raw = Game(seed=4), Game(seed=4, clip_rewards=False)
     clipped.reset(), raw.reset()
