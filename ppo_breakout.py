@@ -460,9 +460,12 @@ class Model(nn.Module):
         h = self.activation(self.conv3(h))
         h = h.reshape((-1, 7 * 7 * 64))
         h = self.activation(self.lin(h))
-        # the heads' outputs go back to fp32 under autocast: probabilities and losses need it
-        pi = Categorical(logits=self.pi_logits(h).float(), validate_args=False)
-        value = self.value(h).float().reshape(-1)
+        # the heads compute in fp32 even under bf16 autocast: bf16's 8-bit mantissa would round the
+        # log-probabilities of the ratio pi / pi_OLD and the values the returns are built on
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()
+            pi = Categorical(logits=self.pi_logits(h), validate_args=False)
+            value = self.value(h).reshape(-1)
         return pi, value
 
 
