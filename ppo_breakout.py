@@ -57,8 +57,9 @@ def setting(default, help: str):
 @dataclasses.dataclass
 class Configs:
     updates: int = setting(10_000, "number of updates (sample, then train)")
-    # more passes learn faster per sample but are less stable
-    epochs: int = setting(8, "passes over each batch of samples (dynamic)")
+    # 4, not labml's 8: at 1M steps 4 scored higher on each of 3 seeds, kept the approximate KL
+    # near 0.09 where 8 climbed to 0.5-0.7, and trains 1.5x faster (README, "Differences")
+    epochs: int = setting(4, "passes over each batch of samples (dynamic)")
     # 8 workers x 128 steps, as in the PPO paper's Atari runs
     n_workers: int = setting(8, "game worker processes")
     worker_steps: int = setting(128, "steps each worker takes per update")
@@ -67,8 +68,9 @@ class Configs:
     entropy_bonus_coef: float = setting(0.01, "weight of the entropy bonus (dynamic)")
     clip_range: float = setting(0.1, "PPO clip range epsilon, in (0, 1) (dynamic)")
     learning_rate: float = setting(1e-3, "Adam learning rate (dynamic; the value --lr-schedule linear scales)")
-    # linear is the PPO paper's Atari setting and CleanRL's; constant is labml's
-    lr_schedule: str = setting("constant", "constant, or linear: anneal the learning rate to 0 at the last update")
+    # linear is the PPO paper's Atari setting and CleanRL's; constant is labml's, and a constant 1e-3
+    # for 10M steps risks the collapse the rising KL hints at
+    lr_schedule: str = setting("linear", "constant, or linear: anneal the learning rate to 0 at the last update")
     # CleanRL and openai/baselines use 1e-5 for PPO on Atari; 1e-8 is PyTorch's and labml's
     adam_eps: float = setting(1e-8, "Adam's epsilon")
     orthogonal_init: bool = setting(False, "orthogonal initialisation of the model (baselines / CleanRL)")

@@ -85,7 +85,8 @@ def test_help_shows_every_flag_with_its_default(script_dir):
     out = run_python(script_dir, "ppo_breakout.py", "--help", timeout=60).stdout.split("options:", 1)[1]
     for flag, default in [
         ("--updates", "10000"),
-        ("--epochs", "8"),
+        ("--epochs", "4"),
+        ("--lr-schedule", "linear"),
         ("--n-workers", "8"),
         ("--worker-steps", "128"),
         ("--batches", "4"),

@@ -195,7 +195,7 @@ def test_the_linear_schedule_anneals_the_dashboard_learning_rate_to_zero():
         assert trainer.current_learning_rate() == pytest.approx(2.5e-4 * 0.75)
         trainer.learning_rate.set_value(1e-4)  # the dashboard's value is the one the schedule scales
         assert trainer.current_learning_rate() == pytest.approx(1e-4 * 0.75)
-    with Trainer(**TINY) as constant:
+    with Trainer(**{**TINY, "lr_schedule": "constant"}) as constant:
         constant.update = 3
         assert constant.current_learning_rate() == pytest.approx(1e-3)
 
