@@ -46,7 +46,8 @@ def evaluate(
         for i, game_seed in enumerate(seeds):
             game = ppo.Game(game_seed, game_name, clip_rewards=False)
             if i == 0 and video is not None:
-                game.frames = []
+                frames = []
+                game.on_frame = frames.append
             obs, info = game.reset(), None
             while info is None:
                 with torch.no_grad():
@@ -55,8 +56,8 @@ def evaluate(
                 action = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator)
                 obs, _, _, info = game.step(int(action))
             if i == 0 and video is not None:
-                write_video(video, game.frames)
-                written, game.frames = str(video), None
+                write_video(video, frames)
+                written, game.on_frame = str(video), None
             scores.append(info["reward"])
             lengths.append(info["length"])
             print(

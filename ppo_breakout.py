@@ -200,13 +200,14 @@ class Game:
     except on the step that ends a game: `{"reward": whole-game score, unclipped, "length": agent
     steps}`. The game resets itself when it is over; the returned `obs` is then the new game's first."""
 
-    def __init__(self, seed: int, game: str = "breakout", clip_rewards: bool = True):
+    def __init__(self, seed: int, game: str = "breakout", clip_rewards: bool = True, sticky_actions: float = 0.0):
         import ale_py
 
         ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner per worker
         self.ale = ale_py.ALEInterface()
         self.ale.setInt("random_seed", int(seed) % 2**31)
-        self.ale.setFloat("repeat_action_probability", 0.0)
+        # 0 in training, as NoFrameskip-v4; evaluate --sticky-actions 0.25 is Machado et al. 2018's
+        self.ale.setFloat("repeat_action_probability", sticky_actions)
         self.ale.setInt("max_num_frames_per_episode", MAX_FRAMES)
         self.ale.loadROM(rom_path(game))
         self.actions = self.ale.getMinimalActionSet()
@@ -217,13 +218,13 @@ class Game:
         self.screens = np.zeros((2, height, width), dtype=np.uint8)  # a step's last two grey frames
         self.obs_4 = np.zeros(OBS_SHAPE, dtype=np.uint8)
         self.score, self.length, self.lives = 0.0, 0, 0
-        # when a list, every emulator frame in colour is appended to it (the evaluation video)
-        self.frames: Optional[List[np.ndarray]] = None
+        # when set, called with every emulator frame in colour (the evaluation video's writer)
+        self.on_frame: Optional[Callable[[np.ndarray], None]] = None
 
     def _act(self, action) -> float:
         reward = self.ale.act(action)
-        if self.frames is not None:
-            self.frames.append(self.ale.getScreenRGB())
+        if self.on_frame is not None:
+            self.on_frame(self.ale.getScreenRGB())
         return reward
 
     def _repeat(self, action) -> float:
