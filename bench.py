@@ -48,6 +48,7 @@ import torch
 
 import cli
 import ppo_breakout as ppo
+import speed
 from plots import read_metrics
 from run_files import RunFileError
 
@@ -305,32 +306,21 @@ def summarise(
         print(f"target: mean of 100 games first above {target} at {passed['env_steps']} steps, {elapsed(passed):.0f} s")
 
 
-# The files `python ppo_breakout.py` needs beside it under torchrun: the experiment and its tools.
-SCRIPT_FILES = (
-    "ppo_breakout.py",
-    "cli.py",
-    "run_files.py",
-    "plots.py",
-    "evaluate.py",
-    "dashboard.py",
-    "distributed.py",
-    ".labml.yaml",
-)
-
-
-def training_flags(c: "ppo.Configs") -> List[str]:
-    """The flags that give `c` to ppo_breakout.py: each setting that differs from its default,
-    but --updates and --device-ids, which compare_ranks sets for each run."""
-    default, argv = ppo.Configs(), []
-    for field in dataclasses.fields(c):
-        value = getattr(c, field.name)
-        if field.name in ("updates", "device_ids") or value == getattr(default, field.name):
-            continue
-        flag = cli.flag_of(field.name)
-        if field.type is bool:
-            argv.append(flag if value else "--no-" + flag[2:])
-        else:
-            argv += [flag, str(value)]
+def training_flags(c: "ppo.Configs", r: "ppo.RunSettings") -> List[str]:
+    """The flags that give `c` and `r` to ppo_breakout.py: each setting that differs from its
+    default, but --updates and --device-ids, which compare_ranks sets for each run."""
+    argv = []
+    for settings in (c, r):
+        default = type(settings)()
+        for field in dataclasses.fields(settings):
+            value = getattr(settings, field.name)
+            if field.name in ("updates", "device_ids") or value == getattr(default, field.name):
+                continue
+            flag = cli.flag_of(field.name)
+            if field.type is bool:
+                argv.append(flag if value else "--no-" + flag[2:])
+            else:
+                argv += [flag, str(value)]
     return argv
 
 
@@ -362,15 +352,15 @@ class RunFailed(Exception):
     """A torchrun run that ended without its updates: one line saying which and why."""
 
 
-def compare_ranks(c: "ppo.Configs", ranks: int, warmup: int, measure: int) -> int:
+def compare_ranks(c: "ppo.Configs", r: "ppo.RunSettings", ranks: int, warmup: int, measure: int) -> int:
     """The whole loop under torchrun with 1 rank and with `ranks`, one after the other; prints
     their env steps/s and the ratio. Its exit status: 1 if a run failed, 128 + the signal if
     stopped. The first Ctrl-C, SIGTERM or hang-up goes to the running torchrun, which passes it on
     to its ranks (each ends its update, as under torchrun alone); a second kills the run at once."""
-    device = ppo.select_device(c.device)
+    device = ppo.parse_device(r.device)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     ids = device_ids(device, ranks, gpus)
-    dtype = ppo.select_dtype(c.precision, device)
+    dtype = speed.autocast_dtype(r.precision, device)
     if device.type == "cuda":
         gpu = device.index or 0
         where = f"device cuda:{gpu} ({torch.cuda.get_device_name(gpu)}), " + (
@@ -387,7 +377,7 @@ def compare_ranks(c: "ppo.Configs", ranks: int, warmup: int, measure: int) -> in
         f"torch threads per rank {threads or torch.get_num_threads()} (1 rank) and {threads or 1} ({ranks} ranks)",
         flush=True,
     )
-    argv = [*training_flags(c), "--dashboard", "off", "--updates", str(warmup + measure)]
+    argv = [*training_flags(c, r), "--dashboard", "off", "--updates", str(warmup + measure)]
     stops, job = [], []  # the stop signals received; the torchrun process while one runs
     leave_terminal = cli.terminal_leaver()
 
@@ -469,7 +459,7 @@ def run_under_torchrun(
     here = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory(prefix="bench_ranks_") as temporary:
         folder = Path(temporary)
-        for name in SCRIPT_FILES:
+        for name in ppo.SCRIPT_FILES:
             (folder / name).write_bytes((here / name).read_bytes())
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
         with open(folder / "torchrun.log", "w") as log:
@@ -553,29 +543,29 @@ def main():
                 del argv[i : i + 2]
         return learn(argv, args.steps or 1_000_000, args.target)
     args = parser.parse_args()
-    c = cli.configs_from(vars(args))
-    errors = cli.config_errors(c)
+    c, r = cli.configs_from(vars(args)), cli.configs_from(vars(args), ppo.RunSettings)
+    errors = cli.config_errors(c, r)
     if errors:
         name, problem = errors[-1]
         parser.error(f"argument {cli.flag_of(name)}: {problem}")
     if args.random_policy:
         return random_policy(c, args.episodes)
     if args.ranks:
-        if c.device_ids:
+        if r.device_ids:
             parser.error("argument --device-ids: --ranks chooses each run's GPUs itself")
         import distributed  # beside this file, as the script it runs
 
-        device = ppo.select_device(c.device)
+        device = ppo.parse_device(r.device)
         ids = device_ids(device, args.ranks, torch.cuda.device_count() if device.type == "cuda" else 0)
         try:  # what the ranks would refuse, refused here: --backend nccl on the CPU, no GPU 1
-            distributed.device_for(dataclasses.replace(c, device_ids=ids), 0, args.ranks)
+            distributed.device_for(dataclasses.replace(r, device_ids=ids), 0, args.ranks)
         except ValueError as e:
             parser.error(str(e))
-        return compare_ranks(c, args.ranks, args.warmup, args.measure)
+        return compare_ranks(c, r, args.ranks, args.warmup, args.measure)
 
     # the Trainer's dynamic hyperparameters outside a labml experiment: fine here, nothing to steer
     warnings.filterwarnings("ignore", message="Register dynamic schedules")
-    with ppo.Trainer(c) as trainer:
+    with ppo.Trainer(c, r) as trainer:
         dtype = trainer.autocast_dtype or torch.float32  # what the model computes in
         print(f"machine:   {machine()}")
         gpu = f", GPU {torch.cuda.get_device_name(trainer.device)}" if trainer.device.type == "cuda" else ""
@@ -587,7 +577,7 @@ def main():
             f"config:    {c.game}, {c.n_workers} workers x {c.worker_steps} steps, {c.batches} minibatches, "
             f"epochs {c.epochs}, device {trainer.device}, "
             f"precision {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}, "
-            f"channels_last {c.channels_last}, reuse freed memory {trainer.reusing_freed_memory}"
+            f"channels_last {r.channels_last}, reuse freed memory {trainer.reusing_freed_memory}"
             + (f", cuda graphs {trainer.graphs}" if trainer.device.type == "cuda" else "")
         )
 

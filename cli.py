@@ -15,8 +15,6 @@ import signal
 import sys
 from typing import Callable, List, Optional, Tuple
 
-import torch
-
 import ppo_breakout as ppo
 import run_files
 from dashboard import dashboard_flag_problem
@@ -36,21 +34,34 @@ def build_parser(add_help: bool = True, defaults: bool = True) -> argparse.Argum
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         add_help=add_help,
     )
-    for field in dataclasses.fields(ppo.Configs):
-        if field.type is bool:
-            kind = dict(action=argparse.BooleanOptionalAction)
-        else:
-            kind = dict(type=field.type, metavar=field.name.rstrip("_").upper())
-        default = field.default if defaults else argparse.SUPPRESS
-        parser.add_argument(flag_of(field.name), dest=field.name, default=default, help=field.metadata["help"], **kind)
-    parser.add_argument(
+    groups = {
+        ppo.Configs: parser.add_argument_group(
+            "the algorithm's settings",
+            "what the learning depends on: kept in each checkpoint, and taken from it on resume",
+        ),
+        ppo.RunSettings: parser.add_argument_group(
+            "the run's settings",
+            "what the machine does: taken from this command line every time, resumed or not",
+        ),
+    }
+    for settings, group in groups.items():
+        for field in dataclasses.fields(settings):
+            if field.type is bool:
+                kind = dict(action=argparse.BooleanOptionalAction)
+            else:
+                kind = dict(type=field.type, metavar=field.name.rstrip("_").upper())
+            default = field.default if defaults else argparse.SUPPRESS
+            help = field.metadata["help"]
+            group.add_argument(flag_of(field.name), dest=field.name, default=default, help=help, **kind)
+    run = groups[ppo.RunSettings]
+    run.add_argument(
         "--dashboard",
         metavar="URL",
         default="auto" if defaults else argparse.SUPPRESS,
         help="labml dashboard to report to and take changes from: a URL, 'off', or 'auto' (the labml "
         "config's web_api, else http://127.0.0.1:5005 when something answers there)",
     )
-    parser.add_argument(
+    run.add_argument(
         "--resume",
         metavar="PATH",
         default=None if defaults else argparse.SUPPRESS,
@@ -60,9 +71,11 @@ def build_parser(add_help: bool = True, defaults: bool = True) -> argparse.Argum
     return parser
 
 
-def configs_from(values: dict) -> "ppo.Configs":
-    """The Configs fields among `values` (parsed flags, a checkpoint's configuration), defaults elsewhere."""
-    return ppo.Configs(**{k: v for k, v in values.items() if k in ppo.Configs.__dataclass_fields__})
+def configs_from(values: dict, settings=None):
+    """The `settings` (Configs, or RunSettings) whose fields are among `values` (parsed flags, a
+    checkpoint's configuration), with their defaults elsewhere."""
+    settings = settings or ppo.Configs
+    return settings(**{k: v for k, v in values.items() if k in settings.__dataclass_fields__})
 
 
 def fail(prog: str, message: str) -> int:
@@ -77,7 +90,8 @@ def given_flags(argv: List[str]) -> dict:
 
 
 def resumed_configs(checkpoint: dict, argv: List[str]) -> "ppo.Configs":
-    """A checkpoint's configuration, with the flags `argv` gives overriding it."""
+    """A checkpoint's algorithm settings, with the flags `argv` gives overriding them. (A checkpoint
+    written before the settings were split holds the run's settings too: they are not taken.)"""
     return configs_from({**checkpoint["configs"], **given_flags(argv)})
 
 
@@ -85,37 +99,40 @@ class BadInput(SystemExit):
     """Bad input, already reported on stderr in one line: exit 2."""
 
 
-def parse(argv: List[str]) -> Tuple["ppo.Configs", Optional[dict], Optional[str], str]:
-    """(configs, the checkpoint to resume from, the run's comment, the --dashboard flag); raises
-    BadInput, having said why in one line, before anything starts."""
+def parse(argv: List[str]) -> Tuple["ppo.Configs", "ppo.RunSettings", Optional[dict], Optional[str], str]:
+    """(configs, run settings, the checkpoint to resume from, the run's comment, the --dashboard
+    flag); raises BadInput, having said why in one line, before anything starts."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    configs, checkpoint, comment = configs_from(args), None, None
+    configs, run_settings = configs_from(args), configs_from(args, ppo.RunSettings)
+    checkpoint, comment = None, None
     if args["resume"]:
         try:
             checkpoint, comment = run_files.resume(args["resume"], given_flags(argv))
         except run_files.CheckpointError as e:
             raise BadInput(fail(parser.prog, str(e)))
         configs = resumed_configs(checkpoint, argv)
-    errors = config_errors(configs)
+    errors = config_errors(configs, run_settings)
     problem = dashboard_flag_problem(args["dashboard"])
     errors += [("dashboard", problem)] if problem else []
     for name, problem in errors[:-1]:
         print(f"{parser.prog}: error: argument {flag_of(name)}: {problem}", file=sys.stderr)
     if errors:
         parser.error(f"argument {flag_of(errors[-1][0])}: {errors[-1][1]}")
-    return configs, checkpoint, comment, args["dashboard"]
+    return configs, run_settings, checkpoint, comment, args["dashboard"]
 
 
-def config_errors(c: "ppo.Configs") -> List[Tuple[str, str]]:
-    """Every problem with `c`, as (setting, problem); empty when the configuration can run."""
+def config_errors(c: "ppo.Configs", r: "ppo.RunSettings") -> List[Tuple[str, str]]:
+    """Every problem with `c` and `r`, as (setting, problem); empty when the configuration can run."""
     errors = []
-    for name in ("updates", "epochs", "n_workers", "worker_steps", "batches", "checkpoint_every", "keep_checkpoints"):
-        if getattr(c, name) <= 0:
-            errors.append((name, f"must be a positive integer, got {getattr(c, name)}"))
-    batch_size = c.n_workers * c.worker_steps
-    if c.batches > 0 and batch_size > 0 and batch_size % c.batches != 0:
-        errors.append(("batches", f"{c.batches} does not divide the batch n_workers * worker_steps = {batch_size}"))
+    positive = [(name, getattr(c, name)) for name in ("updates", "epochs", "n_workers", "worker_steps", "batches")]
+    positive += [(name, getattr(r, name)) for name in ("checkpoint_every", "keep_checkpoints")]
+    for name, value in positive:
+        if value <= 0:
+            errors.append((name, f"must be a positive integer, got {value}"))
+    problem = ppo.batches_problem(c)
+    if problem and not any(value <= 0 for _, value in positive):  # else said above: not positive
+        errors.append(("batches", problem))
     for name in ("learning_rate", "value_loss_coef", "entropy_bonus_coef", "max_grad_norm"):
         if not getattr(c, name) >= 0:
             errors.append((name, f"must not be negative, got {getattr(c, name)}"))
@@ -129,22 +146,22 @@ def config_errors(c: "ppo.Configs") -> List[Tuple[str, str]]:
     if ppo.rom_path(c.game) is None:
         errors.append(("game", f"ale-py ships no ROM named {c.game!r} (for example: breakout, pong, space_invaders)"))
     choices_of = {
-        "lr_schedule": ("constant", "linear"),
-        "precision": ("auto", "fp32", "bf16"),
-        "backend": ("auto", "gloo", "nccl"),
+        "lr_schedule": (c.lr_schedule, ("constant", "linear")),
+        "precision": (r.precision, ("auto", "fp32", "bf16")),
+        "backend": (r.backend, ("auto", "gloo", "nccl")),
     }
-    for name, choices in choices_of.items():
-        if getattr(c, name) not in choices:
-            errors.append((name, f"must be {', '.join(choices[:-1])} or {choices[-1]}, got {getattr(c, name)!r}"))
+    for name, (value, choices) in choices_of.items():
+        if value not in choices:
+            errors.append((name, f"must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}"))
     cpus = os.cpu_count() or 1
-    if c.rollout_threads < 0:
-        errors.append(("rollout_threads", f"must be 0 or more, got {c.rollout_threads}"))
-    elif c.rollout_threads > cpus:  # threads beyond the CPUs only wait on each other
-        errors.append(("rollout_threads", f"must be at most this machine's {cpus} CPUs, got {c.rollout_threads}"))
-    for name, problem in (("seed", seed_problem(c.seed)), ("device", device_problem(c.device))):
+    if r.rollout_threads < 0:
+        errors.append(("rollout_threads", f"must be 0 or more, got {r.rollout_threads}"))
+    elif r.rollout_threads > cpus:  # threads beyond the CPUs only wait on each other
+        errors.append(("rollout_threads", f"must be at most this machine's {cpus} CPUs, got {r.rollout_threads}"))
+    for name, problem in (("seed", seed_problem(c.seed)), ("device", device_problem(r.device))):
         if problem:
             errors.append((name, problem))
-    return errors or memory_errors(c)
+    return errors or memory_errors(c, r)
 
 
 def seed_problem(seed: int) -> Optional[str]:
@@ -155,12 +172,10 @@ def seed_problem(seed: int) -> Optional[str]:
 
 def device_problem(name: str) -> Optional[str]:
     try:
-        device = torch.device("cpu" if name == "auto" else name)
-    except RuntimeError:
-        return f"not a device: {name!r} (use auto, cpu, cuda or cuda:N)"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return f"{name} was asked for but CUDA is not available"
-    return None if device.type in ("cpu", "cuda") else f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)"
+        ppo.parse_device(name)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 # What a run holds at its peak on the CPU, rounded up from bench.py's measurements (docs/speed.md):
@@ -168,7 +183,7 @@ def device_problem(name: str) -> Optional[str]:
 MEMORY = dict(base=288 * 2**20, worker=32 * 2**20, sample=128 * 2**10, minibatch_sample=320 * 2**10)
 
 
-def memory_errors(c: "ppo.Configs") -> List[Tuple[str, str]]:
+def memory_errors(c: "ppo.Configs", r: "ppo.RunSettings") -> List[Tuple[str, str]]:
     """A run that cannot fit in this machine's memory is refused before it starts a worker."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -177,7 +192,7 @@ def memory_errors(c: "ppo.Configs") -> List[Tuple[str, str]]:
     samples, have = c.n_workers * c.worker_steps, f"more than this machine's {total / 2**30:.1f} GiB"
     workers = MEMORY["base"] + c.n_workers * MEMORY["worker"]
     needed, minibatches = workers + samples * MEMORY["sample"], ""
-    if ppo.select_device(c.device).type == "cpu":
+    if ppo.parse_device(r.device).type == "cpu":
         needed += samples // c.batches * MEMORY["minibatch_sample"]
         minibatches = f" in minibatches of {samples // c.batches}"
     if workers > total:
@@ -239,15 +254,15 @@ def stop_handlers(trainer: "ppo.Trainer", again_stops: bool = True):
             signal.signal(signum, previous)
 
 
-def exit_code(error: BaseException, run: Optional["run_files.RunFolder"], ranks=None) -> int:
-    """Say in one line why a run ended early and what it saved; its exit status. Under torchrun,
-    the line names the rank, and rank 0 alone has a run folder to speak of."""
+def exit_code(error: BaseException, run: Optional["run_files.RunFolder"], partner: "ppo.OneProcess") -> int:
+    """Say in one line why a run ended early and what it saved; its exit status. Under torchrun
+    (`partner`), the line names the rank, and rank 0 alone has a run folder to speak of."""
     saved = run.left_behind() if run is not None else "rank 0 keeps the run folder"
     if isinstance(error, (KeyboardInterrupt, StopRequested)):
         print(f"\nStopped at once; {saved}", file=sys.stderr)
         return 128 + (error.args[0] if isinstance(error, StopRequested) else signal.SIGINT)
     if isinstance(error, ppo.WorkerError):
-        print(f"error: {f'rank {ranks.rank}: ' if ranks else ''}{error}", file=sys.stderr)
+        print(f"error: {f'rank {partner.rank}: ' if partner.torchrun else ''}{error}", file=sys.stderr)
         return 1
     # a full disk, for one: what was written before stays
     reason = error

@@ -18,7 +18,6 @@ labml's web-API writer at it, and claiming the run so its hyperparameter page ta
 """
 
 import argparse
-import contextlib
 import errno
 import os
 import re
@@ -234,18 +233,16 @@ def serve_in_background(port: int = DEFAULT_PORT, log: Path = Path("logs/dashboa
     not start in `timeout` seconds (`log` says why); one that answers on `port` already is used as
     it is. The server runs in a session of its own, so that interrupting a notebook's kernel leaves
     it be, and Linux stops it when the process that started it ends."""
-    import ctypes
+    import functools
     import signal
     import subprocess
     import time
 
+    import ppo_breakout as ppo
+
     url = f"http://{DEFAULT_IP}:{port}"
     if dashboard_answers(url):
         return url
-
-    def die_with_parent():
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [
@@ -257,7 +254,11 @@ def serve_in_background(port: int = DEFAULT_PORT, log: Path = Path("logs/dashboa
     ]
     with open(log, "a") as out:
         server = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=functools.partial(ppo.die_with_parent, signal.SIGTERM),
         )
     deadline = time.monotonic() + timeout
     while server.poll() is None and time.monotonic() < deadline:

@@ -8,7 +8,8 @@ The same experiment under torchrun: N processes (ranks) train one policy.
         --rdzv-endpoint=$(hostname):29500 --rdzv-id=$SLURM_JOB_ID ppo_breakout.py [flags]   # SLURM
 
 `ppo_breakout.main` hands a process that torchrun started to `main` here. What the ranks share, through
-`Ranks`, which the Trainer calls where `trainer.ranks` is set (a single process has none):
+`Ranks`, the Trainer's partner here (a single process has `ppo_breakout.OneProcess`, whose exchanges
+do nothing):
 
 - Games: each rank runs its own `--n-workers` game processes. Their seeds come from the one
   SeedSequence, so the job's games are those of a single process with N x n_workers workers, and
@@ -71,6 +72,8 @@ class Held:
 
 class Ranks:
     """This process's place among the job's, and the exchanges the Trainer makes with the others."""
+
+    torchrun = True
 
     def __init__(self, backend: str):
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -146,7 +149,7 @@ class Ranks:
             dist.destroy_process_group()
 
 
-def device_for(c: "ppo.Configs", local_rank: int, local_world_size: int) -> str:
+def device_for(c: "ppo.RunSettings", local_rank: int, local_world_size: int) -> str:
     """The device of this rank, or raises ValueError naming what is wrong (cli.config_errors has
     checked the settings that do not depend on the rank)."""
     try:
@@ -155,7 +158,7 @@ def device_for(c: "ppo.Configs", local_rank: int, local_world_size: int) -> str:
         raise ValueError(f"argument --device-ids: GPU numbers separated by commas, got {c.device_ids!r}") from None
     if ids is not None and len(ids) != local_world_size:
         raise ValueError(f"argument --device-ids: {len(ids)} GPUs for {local_world_size} ranks on this machine")
-    device = ppo.select_device(c.device)
+    device = ppo.parse_device(c.device)
     if device.type == "cpu":
         if ids is not None:
             raise ValueError("argument --device-ids: names GPUs, but the device is the CPU")
@@ -175,15 +178,15 @@ def main(argv: List[str]) -> int:
     problem, device, said = None, "cpu", io.StringIO()
     try:
         with contextlib.redirect_stderr(said):
-            configs, checkpoint, comment, dashboard_flag = cli.parse(argv)
-        device = device_for(configs, local_rank, int(os.environ["LOCAL_WORLD_SIZE"]))
+            configs, run_settings, checkpoint, comment, dashboard_flag = cli.parse(argv)
+        device = device_for(run_settings, local_rank, int(os.environ["LOCAL_WORLD_SIZE"]))
     except SystemExit as e:
         if e.code == 0:  # --help
             return 0
         problem = (said.getvalue().strip().splitlines() or [f"ppo_breakout.py: error: exit {e.code}"])[-1]
     except ValueError as e:
         problem = f"ppo_breakout.py: error: {e}"
-    ranks = Ranks("nccl" if problem is None and device != "cpu" and configs.backend != "gloo" else "gloo")
+    ranks = Ranks("nccl" if problem is None and device != "cpu" and run_settings.backend != "gloo" else "gloo")
     try:
         problems = [None] * ranks.world_size
         dist.all_gather_object(problems, problem)
@@ -201,11 +204,12 @@ def main(argv: List[str]) -> int:
             path, checkpoint = run_files.load_checkpoint(found)
             configs = cli.resumed_configs(checkpoint, argv)
             comment = f"continues job {ranks.job} from update {checkpoint['update']} ({path})"
-        configs = dataclasses.replace(configs, device=device, cuda_graphs=False)
+        run_settings = dataclasses.replace(run_settings, device=device, cuda_graphs=False)
         seed = np.random.SeedSequence([configs.seed, rank, checkpoint["update"] if checkpoint else 0])
         action_seed = int(seed.generate_state(1)[0])
         try:
-            return ppo.train(configs, checkpoint, comment, dashboard_flag if rank == 0 else "off", ranks, action_seed)
+            dashboard_flag = dashboard_flag if rank == 0 else "off"
+            return ppo.train(configs, run_settings, checkpoint, comment, dashboard_flag, ranks, action_seed)
         except RuntimeError as e:  # a collective failed: another rank is gone
             print(
                 f"ppo_breakout.py: error: rank {rank}: lost the other ranks: {str(e).splitlines()[0]}", file=sys.stderr

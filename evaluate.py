@@ -38,7 +38,7 @@ def evaluate(
     game_name = state["configs"]["game"]
     model = ppo.Model(state["n_actions"])
     model.load_state_dict(state["model"])
-    model = model.to(ppo.select_device(device)).eval()
+    model = model.to(ppo.parse_device(device)).eval()
     seeds = [int(s) for s in np.random.SeedSequence([seed, 0]).generate_state(episodes)]
     generator = torch.Generator().manual_seed(seed)
     scores, lengths, stopped, written = [], [], False, None

@@ -3,8 +3,9 @@
 
 Proximal Policy Optimization ([Schulman et al. 2017](https://arxiv.org/abs/1707.06347)) with
 Generalized Advantage Estimation ([Schulman et al. 2015](https://arxiv.org/abs/1506.02438)) on an
-Atari game of the Arcade Learning Environment, evaluated as published Breakout results are
-([Mnih et al. 2015](https://www.nature.com/articles/nature14236)).
+Atari game of the Arcade Learning Environment, with the DQN preprocessing of
+[Mnih et al. 2015](https://www.nature.com/articles/nature14236). The score reported is the mean of
+the last 100 whole training games, as the PPO paper and CleanRL report theirs.
 
 It follows labml.ai's annotated PPO experiment (labml-nn 0.5.1: `labml_nn/rl/ppo/experiment.py`,
 `rl/game.py`, `rl/ppo/gae.py`, `rl/ppo/__init__.py`), keeping its shape and names, on today's
@@ -19,12 +20,15 @@ packages: ale-py with its own ROMs, and labml 0.4.168's dynamic hyperparameters.
     torchrun --standalone --nproc_per_node=2 ppo_breakout.py  # one policy, 2 processes (distributed.py)
 
 It reads in the order the data flows: configuration, Game, workers, Model, GAE, losses, Trainer.
+How fast it runs is speed.py's business, below it; the command line and the run's files are the
+tools' beside it.
 """
 
 import contextlib
 import copy
 import ctypes
 import dataclasses
+import enum
 import importlib
 import math
 import multiprocessing
@@ -34,7 +38,6 @@ import sys
 import time
 import traceback
 from collections import deque
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -45,9 +48,13 @@ from labml.internal.configs.dynamic_hyperparam import DynamicHyperParam
 from torch import nn, optim
 from torch.distributions import Categorical
 
+import speed
+
 # ## Configuration
 #
-# Each setting is declared once, with its default and its help, from which its flag is made.
+# Each setting is declared once, with its default and its help, from which its flag is made. Two
+# kinds: `Configs`, what the learning depends on, kept in every checkpoint and taken from it on
+# resume; and `RunSettings`, what the machine does, taken from the command line every time.
 
 
 def setting(default, help: str):
@@ -56,6 +63,8 @@ def setting(default, help: str):
 
 @dataclasses.dataclass
 class Configs:
+    """The algorithm's settings."""
+
     updates: int = setting(10_000, "number of updates (sample, then train)")
     # 4, not labml's 8: at 1M steps 4 scored higher on each of 3 seeds, kept the approximate KL
     # near 0.09 where 8 climbed to 0.5-0.7, and trains 1.5x faster (README, "Differences")
@@ -79,12 +88,18 @@ class Configs:
     lambda_: float = setting(0.95, "GAE lambda, in [0, 1]")
     seed: int = setting(1, "random seed")
     game: str = setting("breakout", "an Atari ROM that ale-py ships")
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N (auto: the CUDA GPU when there is one)")
     # as DQN and PPO did; the reported scores are always the game's own
     clip_rewards: bool = setting(True, "train on the sign of the game reward")
     max_grad_norm: float = setting(0.5, "global gradient-norm clip")
-    # auto: bf16 where the hardware computes it natively, fp32 elsewhere (emulated bf16 is slower)
-    precision: str = setting("auto", "auto, fp32 or bf16 (autocast; losses stay fp32)")
+
+
+@dataclasses.dataclass
+class RunSettings:
+    """The machine's settings: where and how fast the same algorithm runs, and what it keeps."""
+
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N (auto: the CUDA GPU when there is one)")
+    # auto: bf16 where the hardware computes it natively, fp32 elsewhere (speed.autocast_dtype)
+    precision: str = setting("auto", "auto, fp32 or bf16 (autocast; the heads and losses stay fp32)")
     # the speed paths: each is measured in docs/speed.md
     channels_last: bool = setting(True, "NHWC memory format for the convolutions")
     reuse_freed_memory: bool = setting(True, "keep freed memory for the next minibatch instead of returning it (glibc)")
@@ -97,68 +112,23 @@ class Configs:
     device_ids: str = setting("", "torchrun: the GPU of each local rank, such as 0,0 for 2 ranks on GPU 0")
 
 
-class CheckedValue:
-    """A dynamic hyperparameter that keeps the dashboard's value inside its range: a value out of
-    range is clamped, one that is not a finite number refused, so neither can derail the run."""
-
-    def set_value(self, value):
-        low, high = self._range_
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = float("nan")
-        if not math.isfinite(number):
-            logger.log(f"{self._key}: refused {value!r} from the dashboard, keeping {self._value}")
-            return
-        clamped = min(max(number, low), high)
-        if clamped != number:
-            logger.log(f"{self._key}: {number} is outside {low}..{high}, using {clamped}")
-        super().set_value(clamped)
-
-
-class CheckedInt(CheckedValue, IntDynamicHyperParam):
-    pass
-
-
-class CheckedFloat(CheckedValue, FloatDynamicHyperParam):
-    pass
-
-
 # ⚙️ The settings that may change while a run goes on, from the labml dashboard, with the ranges it
 # offers (labml's experiment's). A value given outside its range widens it.
 DYNAMIC = {
-    "epochs": (CheckedInt, (1, 32)),
-    "value_loss_coef": (CheckedFloat, (0.0, 1.0)),
-    "entropy_bonus_coef": (CheckedFloat, (0.0, 0.1)),
-    "clip_range": (CheckedFloat, (0.01, 0.5)),
-    "learning_rate": (CheckedFloat, (0.0, 1e-3)),
+    "epochs": (1, 32),
+    "value_loss_coef": (0.0, 1.0),
+    "entropy_bonus_coef": (0.0, 0.1),
+    "clip_range": (0.01, 0.5),
+    "learning_rate": (0.0, 1e-3),
 }
 
 
-def dynamic_hyperparam(name: str, value) -> DynamicHyperParam:
-    """A labml dynamic hyperparameter for `name`, starting at `value` (or `value` itself)."""
-    if isinstance(value, DynamicHyperParam):
-        return value
-    kind, (low, high) = DYNAMIC[name]
-    return kind(value, (min(low, value), max(high, value)))
-
-
-def select_device(name: str) -> torch.device:
-    return torch.device(("cuda:0" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-def select_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for plain fp32. `auto` takes bf16 only where the hardware
-    computes it natively: a GPU of compute capability 8.0 or later (Ampere on; a T4 emulates it,
-    though `torch.cuda.is_bf16_supported()` says yes), an AVX-512 bf16 or AMX CPU."""
-    if precision != "auto":
-        return torch.bfloat16 if precision == "bf16" else None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else None
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text()
-        return torch.bfloat16 if "avx512_bf16" in flags or "amx_bf16" in flags else None
-    return None
+def batches_problem(c: Configs) -> Optional[str]:
+    """What is wrong with `batches`, if anything: it must divide the batch into equal minibatches."""
+    batch_size = c.n_workers * c.worker_steps
+    if c.batches > 0 and batch_size > 0 and batch_size % c.batches == 0:
+        return None
+    return f"{c.batches} does not divide the batch n_workers * worker_steps = {batch_size}"
 
 
 # ## Game
@@ -293,9 +263,29 @@ class Game:
 # in place, and releases `ready`. Nothing is pickled. The rare commands, ("reset", None) and
 # ("close", None), and a worker's error report, ("error", message), travel over a Pipe.
 
-STEP, PIPE = 0.0, 1.0  # COMMAND: step with ACTION, or read the command from the pipe
-FAILED = 1.0  # STATUS, 0 until the worker raised and sent its error over the pipe
-COMMAND, ACTION, STATUS, REWARD, DONE, GAME_OVER, SCORE, LENGTH = range(8)  # the slots
+
+class Command(enum.IntEnum):
+    """What a worker does when its `go` semaphore is released."""
+
+    STEP = 0  # step the game with `Slots.action`
+    PIPE = 1  # read the command from the pipe
+
+
+class Slots(ctypes.Structure):
+    """The shared memory of one worker, besides its frame stack."""
+
+    _fields_ = [
+        ("command", ctypes.c_int),  # a Command
+        ("action", ctypes.c_int),  # the index of the action in the game's minimal action set
+        ("failed", ctypes.c_bool),  # the worker raised and sent its error over the pipe
+        ("reward", ctypes.c_double),  # the step's training reward
+        ("done", ctypes.c_bool),  # a life was lost or the game is over
+        ("game_over", ctypes.c_bool),  # the game is over: score and length are its whole game's
+        ("score", ctypes.c_double),
+        ("length", ctypes.c_int64),
+    ]
+
+
 LIVENESS_CHECK_S = 0.5  # how often a waiting trainer checks its worker lives, and a worker its trainer
 
 
@@ -303,15 +293,21 @@ class WorkerError(RuntimeError):
     """A worker process died or raised."""
 
 
-def worker_process(remote, go, ready, slots_buffer, obs_buffer, parent_pid: int, seed: int, game: str, clip_rewards):
+def die_with_parent(signum: int):
+    """Have Linux send `signum` to this process when its parent dies (prctl PR_SET_PDEATHSIG);
+    elsewhere nothing."""
+    pr_set_pdeathsig = 1  # from linux/prctl.h
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").prctl(pr_set_pdeathsig, signum)
+
+
+def worker_process(remote, go, ready, slots: Slots, obs_buffer, parent_pid: int, seed: int, game: str, clip_rewards):
     # Ctrl-C, a hang-up and torchrun's SIGTERM go to the whole process group: the trainer handles them
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):  # have Linux kill us when the trainer dies
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    die_with_parent(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the trainer died before prctl took effect
         os._exit(0)
-    slots = np.frombuffer(slots_buffer, dtype=np.float64)
     obs = np.frombuffer(obs_buffer, dtype=np.uint8).reshape(OBS_SHAPE)
     try:
         env = Game(seed, game, clip_rewards)
@@ -319,11 +315,11 @@ def worker_process(remote, go, ready, slots_buffer, obs_buffer, parent_pid: int,
             while not go.acquire(timeout=LIVENESS_CHECK_S):
                 if os.getppid() != parent_pid:
                     return  # the trainer is gone (where there is no prctl)
-            if slots[COMMAND] == STEP:
-                obs[:], slots[REWARD], slots[DONE], info = env.step(int(slots[ACTION]))
+            if slots.command == Command.STEP:
+                obs[:], slots.reward, slots.done, info = env.step(slots.action)
                 if info is not None:
-                    slots[SCORE], slots[LENGTH] = info["reward"], info["length"]
-                slots[GAME_OVER] = info is not None
+                    slots.score, slots.length = info["reward"], info["length"]
+                slots.game_over = info is not None
             else:
                 cmd, data = remote.recv()
                 if cmd == "reset":
@@ -338,7 +334,7 @@ def worker_process(remote, go, ready, slots_buffer, obs_buffer, parent_pid: int,
     except BaseException as e:
         with contextlib.suppress(OSError):
             remote.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-            slots[STATUS] = FAILED
+            slots.failed = True
             ready.release()
         raise SystemExit(1)
     finally:
@@ -357,11 +353,10 @@ class Worker:
         self.index = index
         obs_buffer = ctx.RawArray("B", int(np.prod(OBS_SHAPE)))
         self.obs = np.frombuffer(obs_buffer, dtype=np.uint8).reshape(OBS_SHAPE)
-        slots_buffer = ctx.RawArray("d", LENGTH + 1)
-        self.slots = np.frombuffer(slots_buffer, dtype=np.float64)
+        self.slots = ctx.RawValue(Slots)
         self.go, self.ready = ctx.Semaphore(0), ctx.Semaphore(0)
         self.child, parent = ctx.Pipe()
-        args = (parent, self.go, self.ready, slots_buffer, obs_buffer, os.getpid(), seed, game, clip_rewards)
+        args = (parent, self.go, self.ready, self.slots, obs_buffer, os.getpid(), seed, game, clip_rewards)
         self.process = ctx.Process(target=worker_process, name=f"ppo-worker-{index}", daemon=True, args=args)
         self.process.start()
         parent.close()
@@ -369,28 +364,28 @@ class Worker:
 
     def send(self, cmd: str, data=None):
         if cmd == "step":
-            self.slots[ACTION] = data
-            self.slots[COMMAND] = STEP
+            self.slots.action = data
+            self.slots.command = Command.STEP
         else:
             try:
                 self.child.send((cmd, data))
             except OSError:
                 self._raise_dead()
-            self.slots[COMMAND] = PIPE
+            self.slots.command = Command.PIPE
         self.go.release()
 
     def receive(self):
         while not self.ready.acquire(timeout=LIVENESS_CHECK_S):
             if not self.process.is_alive():
                 self._raise_dead()
-        if self.slots[STATUS] == FAILED:
+        if self.slots.failed:
             self._raise_dead()
-        if self.slots[COMMAND] != STEP:
+        if self.slots.command != Command.STEP:
             return None
         info = None
-        if self.slots[GAME_OVER]:
-            info = {"reward": float(self.slots[SCORE]), "length": int(self.slots[LENGTH])}
-        return float(self.slots[REWARD]), bool(self.slots[DONE]), info
+        if self.slots.game_over:
+            info = {"reward": self.slots.score, "length": self.slots.length}
+        return self.slots.reward, self.slots.done, info
 
     def _raise_dead(self):
         # a worker that raised sent its error before it exited: that is the cause to report
@@ -410,7 +405,7 @@ class Worker:
             self.closing = True
             with contextlib.suppress(OSError):
                 self.child.send(("close", None))
-                self.slots[COMMAND] = PIPE
+                self.slots.command = Command.PIPE
                 self.go.release()
 
     def close(self, timeout: float = 5.0):
@@ -539,123 +534,125 @@ class ClippedValueFunctionLoss(nn.Module):
         return 0.5 * vf_loss.mean()
 
 
-# ## Speed paths: each switched by a setting and measured in docs/speed.md; the Trainer calls them
+# ## Trainer
+#
+# First what the Trainer leans on: the dashboard's values kept in range, the device a setting
+# names, and the partner it exchanges with (nobody, when it trains alone); then the Trainer,
+# whose methods follow the data: sample -> train -> loss -> loop.
 
 
-def reuse_freed_memory() -> bool:
-    """Have glibc keep freed memory in the heap, for this process and workers forked after it: by
-    default it maps each large block anew and unmaps it when freed, so every minibatch faults its
-    tens of MB in again page by page. False where malloc is not glibc's."""
-    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameters, from glibc's malloc.h
+class CheckedValue:
+    """A dynamic hyperparameter that keeps the dashboard's value inside its range: a value out of
+    range is clamped, one that is not a finite number refused, so neither can derail the run."""
+
+    def set_value(self, value):
+        low, high = self._range_
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not math.isfinite(number):
+            logger.log(f"{self._key}: refused {value!r} from the dashboard, keeping {self._value}")
+            return
+        clamped = min(max(number, low), high)
+        if clamped != number:
+            logger.log(f"{self._key}: {number} is outside {low}..{high}, using {clamped}")
+        super().set_value(clamped)
+
+
+class CheckedInt(CheckedValue, IntDynamicHyperParam):
+    pass
+
+
+class CheckedFloat(CheckedValue, FloatDynamicHyperParam):
+    pass
+
+
+def dynamic_hyperparam(name: str, value) -> DynamicHyperParam:
+    """A labml dynamic hyperparameter for `name`, starting at `value` (or `value` itself)."""
+    if isinstance(value, DynamicHyperParam):
+        return value
+    low, high = DYNAMIC[name]
+    kind = CheckedInt if Configs.__dataclass_fields__[name].type is int else CheckedFloat
+    return kind(value, (min(low, value), max(high, value)))
+
+
+def parse_device(name: str) -> torch.device:
+    """The device `--device` names (auto: the first CUDA GPU when there is one, else the CPU);
+    raises ValueError saying what is wrong with `name`."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    # 32 MiB is the largest mmap threshold glibc accepts; keep up to 1 GiB of free heap
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"not a device: {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} was asked for but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
+    return device
 
 
-@contextlib.contextmanager
-def torch_threads(threads: int):
-    """`threads` torch threads inside (0: unchanged): the rollout's forward passes are small
-    batches, and idle torch threads spin on the workers' cores."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+class OneProcess:
+    """The Trainer's partner when it trains alone. Under torchrun the partner is
+    `distributed.Ranks`, whose exchanges with the job's other processes are here the identity."""
+
+    rank, world_size = 0, 1
+    torchrun = False
+    job = None  # a torchrun job's name
+
+    def all_games(self, games: List[dict]) -> List[dict]:
+        return games
+
+    def average(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def average_gradients(self, parameters):
+        pass
+
+    def mean_std(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return x.mean(), x.std()
+
+    def largest(self, value: int) -> int:
+        return value
+
+    def hold_dynamic(self, trainer: "Trainer"):
+        pass
 
 
-def gather_rows(x: torch.Tensor, indexes: torch.Tensor) -> torch.Tensor:
-    """`x[indexes]` along the first dimension, copied a whole sample at a time (advanced indexing
-    copies element by element). An NHWC batch is gathered as the [batch, 84, 84, 4] rows it is
-    stored as, and stays NHWC."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.index_select(x.permute(0, 2, 3, 1), 0, indexes).permute(0, 3, 1, 2)
-    return torch.index_select(x, 0, indexes)
-
-
-class CudaGraph:
-    """`fn(inputs)` recorded as a CUDA graph: the model is small, so launching its dozens of kernels
-    one by one from Python costs more than running them. Fill `inputs` (a dict of device tensors)
-    in place, then call: the recorded kernels run and the same `output` tensors come back every
-    time. `fn` first runs 3 times on a side stream, as capture requires: undo any effect it has."""
-
-    def __init__(self, fn: Callable, inputs: Dict[str, torch.Tensor]):
-        self.inputs, stream = inputs, torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn(inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = fn(inputs)
-
-    def __call__(self):
-        self.graph.replay()
-        return self.output
-
-
+# the statistics of each minibatch, in the order `_calc_loss` returns them
+STATS = ("policy_reward", "value_loss", "entropy_bonus", "kl_div", "clip_fraction")
 # the dynamic values each minibatch step reads besides the learning rate, passed to it by name
 MINIBATCH_DYNAMIC = ("clip_range", "value_loss_coef", "entropy_bonus_coef")
 
 
-class GraphedTrainStep:
-    """`trainer._train_step` as a CUDA graph: the minibatch is gathered into the graph's input
-    buffers, and the learning rate and the other dynamic values into device tensors it reads."""
-
-    def __init__(self, trainer: "Trainer", samples: Dict[str, torch.Tensor]):
-        self.optimizer = trainer.optimizer
-        group = self.optimizer.param_groups[0]
-        group["lr"] = torch.tensor(float(group["lr"]), device=trainer.device)
-        group["capturable"] = True
-        inputs = {k: v[: trainer.mini_batch_size].clone() for k, v in samples.items()}
-        inputs.update({name: torch.zeros((), device=trainer.device) for name in MINIBATCH_DYNAMIC})
-        # the capture's warm-up takes real steps: put the weights and Adam's state back after it
-        params = list(trainer.model.parameters())
-        weights = [p.detach().clone() for p in params]
-        state = self.optimizer.state
-        moments = {p: {k: v.clone() for k, v in state[p].items()} for p in state}
-        self.graph = CudaGraph(lambda x: trainer._train_step(x, **{n: x[n] for n in MINIBATCH_DYNAMIC}), inputs)
-        with torch.no_grad():
-            for p, w in zip(params, weights):
-                p.copy_(w)
-                for k, v in state[p].items():
-                    v.copy_(moments[p][k]) if p in moments else v.zero_()  # none yet: a fresh Adam
-        self.values: Optional[Dict[str, float]] = None  # the values the graph's tensors hold
-
-    def __call__(self, samples: Dict[str, torch.Tensor], indexes: torch.Tensor, lr: float, dynamic: Dict[str, float]):
-        inputs = self.graph.inputs
-        for k, v in samples.items():
-            torch.index_select(v, 0, indexes, out=inputs[k])
-        if {"learning_rate": lr, **dynamic} != self.values:  # a fill is a kernel launch: only on a change
-            self.optimizer.param_groups[0]["lr"].fill_(lr)
-            for name, value in dynamic.items():
-                inputs[name].fill_(value)
-            self.values = {"learning_rate": lr, **dynamic}
-        return self.graph()
-
-
-# ## Trainer
-
-# the statistics of each minibatch, in the order `_calc_loss` returns them
-STATS = ("policy_reward", "value_loss", "entropy_bonus", "kl_div", "clip_fraction")
-
-
 class Trainer:
     """Samples from the workers with the current policy, computes advantages, and trains the model
-    for `epochs` passes of `batches` minibatches over each batch. `Trainer(configs, **overrides)`:
-    any `Configs` field may be overridden by keyword, the dynamic ones by labml dynamic
-    hyperparameters (as labml's experiment did); `checkpoint`, a `state_dict()`, continues that run."""
+    for `epochs` passes of `batches` minibatches over each batch. `Trainer(configs, run_settings,
+    **overrides)`: any `Configs` or `RunSettings` field may be overridden by keyword, the dynamic
+    ones by labml dynamic hyperparameters (as labml's experiment did); `checkpoint`, a
+    `state_dict()`, continues that run; `partner` is torchrun's `distributed.Ranks`, or nobody."""
 
-    def __init__(self, configs: Optional[Configs] = None, checkpoint: Optional[dict] = None, ranks=None, **overrides):
+    def __init__(
+        self,
+        configs: Optional[Configs] = None,
+        run_settings: Optional[RunSettings] = None,
+        checkpoint: Optional[dict] = None,
+        partner=None,
+        **overrides,
+    ):
         plain = {k: (v._value if isinstance(v, DynamicHyperParam) else v) for k, v in overrides.items()}
-        c = self.configs = dataclasses.replace(configs or Configs(), **plain)
-        if c.batches <= 0 or (c.n_workers * c.worker_steps) % c.batches:  # cli.config_errors checks the rest
-            raise ValueError(f"batches: {c.batches} does not divide n_workers * worker_steps")
+        unknown = set(plain) - set(Configs.__dataclass_fields__) - set(RunSettings.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"Trainer() got unknown settings {sorted(unknown)}")
+        algorithm = {k: v for k, v in plain.items() if k in Configs.__dataclass_fields__}
+        machine = {k: v for k, v in plain.items() if k in RunSettings.__dataclass_fields__}
+        c = self.configs = dataclasses.replace(configs or Configs(), **algorithm)
+        r = self.run_settings = dataclasses.replace(run_settings or RunSettings(), **machine)
+        problem = batches_problem(c)  # cli.config_errors checks the rest before a run starts
+        if problem:
+            raise ValueError(f"batches: {problem}")
+        self.partner = partner or OneProcess()
         self.updates, self.n_workers, self.worker_steps = c.updates, c.n_workers, c.worker_steps
         # total number of samples for a single update, and the size of a minibatch
         self.batch_size = self.n_workers * self.worker_steps
@@ -665,23 +662,27 @@ class Trainer:
         for name in DYNAMIC:
             setattr(self, name, dynamic_hyperparam(name, overrides.get(name, getattr(c, name))))
 
-        self.device = select_device(c.device)
+        self.device = parse_device(r.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # two input shapes: time cuDNN's kernels once for each
-        self.autocast_dtype = select_dtype(c.precision, self.device)
-        self.reusing_freed_memory = c.reuse_freed_memory and reuse_freed_memory()
-        self.graphs = c.cuda_graphs and self.device.type == "cuda"
-        self.act_graphs: Dict[int, CudaGraph] = {}  # one per rollout batch size, made at first use
-        self.graphed_step: Optional[GraphedTrainStep] = None
+        self.autocast_dtype = speed.autocast_dtype(r.precision, self.device)
+        self.reusing_freed_memory = r.reuse_freed_memory and speed.reuse_freed_memory()
+        self.graphs = r.cuda_graphs and self.device.type == "cuda"
         torch.manual_seed(c.seed)
         self.model = Model(len(minimal_actions(c.game)), c.orthogonal_init).to(self.device)
-        if c.channels_last:
+        if r.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # fused: one kernel for the whole step; the same algorithm and saved moments
         self.optimizer = optim.Adam(self.model.parameters(), lr=c.learning_rate, eps=c.adam_eps, fused=True)
         self.gae = GAE(self.n_workers, self.worker_steps, c.gamma, c.lambda_)
         self.ppo_loss = ClippedPPOLoss()
         self.value_loss = ClippedValueFunctionLoss()
+        # a minibatch's gradient step and the rollout's forward pass, eager or as CUDA graphs
+        if self.graphs:
+            self.train_step = speed.GraphedTrainStep(self._train_step, self.optimizer, self.mini_batch_size)
+        else:
+            self.train_step = speed.TrainStep(self._train_step, self.optimizer)
+        self.act = speed.Forward(self._act, self.device, self.graphs)
 
         # updates done so far, agent steps taken by all workers together, and Adam's steps
         self.update, self.env_steps, self.optimizer_steps = 0, 0, 0
@@ -701,14 +702,14 @@ class Trainer:
         self.values = torch.zeros((n, t + 1), dtype=torch.float32, device=self.device)
 
         self.stop_requested = False  # a signal number: stop after the current update
-        self.ranks = ranks  # torchrun: the job's other processes (distributed.Ranks); None alone
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
 
         # worker seeds come from one SeedSequence, so runs with nearby seeds share no game; a
-        # resumed run starts new games (the emulators' states are not saved), seeded by its update
+        # resumed run starts new games (the emulators' states are not saved), seeded by its update.
+        # Under torchrun the job's seeds are split among the ranks.
         entropy = c.seed if self.update == 0 else [c.seed, self.update]
-        rank, world = (ranks.rank, ranks.world_size) if ranks else (0, 1)  # torchrun: the job's seeds, split
+        rank, world = self.partner.rank, self.partner.world_size
         seeds = np.random.SeedSequence(entropy).generate_state(self.n_workers * world)[rank * self.n_workers :]
         self.workers: List[Worker] = []
         try:
@@ -732,11 +733,11 @@ class Trainer:
         """Sample `worker_steps` steps from each worker with the current policy."""
         self.model.eval()
         games = []
-        with torch.no_grad(), self._autocast(), torch_threads(self.configs.rollout_threads):
+        with torch.no_grad(), self._autocast(), speed.torch_threads(self.run_settings.rollout_threads):
             for t in range(self.worker_steps):
                 obs = torch.from_numpy(self.obs)  # [n_workers, 4, 84, 84] uint8
                 self.rollout_obs[:, t] = obs
-                a, self.log_pis[:, t], self.values[:, t] = self._act(obs)
+                a, self.log_pis[:, t], self.values[:, t] = self.act(obs)
                 self.actions[:, t] = a.cpu()
                 for worker, action in zip(self.workers, self.actions[:, t].tolist()):
                     worker.send("step", action)
@@ -747,9 +748,8 @@ class Trainer:
                         games.append(info)
             # V of the state after the final step, to bootstrap unfinished episodes
             _, self.values[:, self.worker_steps] = self.model(torch.from_numpy(self.obs).to(self.device))
-        if self.ranks:  # torchrun: the games of every rank count
-            games = self.ranks.all_games(games)
-        self.env_steps += self.batch_size * (self.ranks.world_size if self.ranks else 1)
+        games = self.partner.all_games(games)  # under torchrun, the games of every rank count
+        self.env_steps += self.batch_size * self.partner.world_size
         for info in games:
             self.episode_rewards.append(info["reward"])
             self.episode_lengths.append(info["length"])
@@ -773,22 +773,14 @@ class Trainer:
         samples = {
             k: v.reshape(self.batch_size, *v.shape[2:]).to(self.device, non_blocking=True) for k, v in samples.items()
         }
-        if self.configs.channels_last and not self.graphs:
+        if self.run_settings.channels_last and not self.graphs:
             # NHWC once per update; every minibatch gathered from it keeps that layout
             samples["obs"] = samples["obs"].contiguous(memory_format=torch.channels_last)
         return samples
 
-    def _act(self, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Actions sampled from pi for a batch of observations, their log-probabilities and V."""
-        if not self.graphs:
-            return self._act_eagerly({"obs": obs.to(self.device)})
-        if len(obs) not in self.act_graphs:
-            self.act_graphs[len(obs)] = CudaGraph(self._act_eagerly, {"obs": obs.to(self.device)})
-        graph = self.act_graphs[len(obs)]
-        graph.inputs["obs"].copy_(obs)
-        return graph()
-
-    def _act_eagerly(self, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _act(self, inputs: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Actions sampled from pi for a batch of observations, their log-probabilities and V
+        (called through `self.act`, which replays it as a CUDA graph where it can)."""
         pi, v = self.model(inputs["obs"])
         a = pi.sample()
         return a, pi.log_prob(a), v
@@ -798,8 +790,7 @@ class Trainer:
         self.model.train()
         stats: List[torch.Tensor] = []
         used: List[List[float]] = []  # the dynamic values each minibatch used, in MINIBATCH_DYNAMIC's order
-        if self.ranks:  # torchrun: rank 0's dynamic values, held by every rank for the update
-            self.ranks.hold_dynamic(self)
+        self.partner.hold_dynamic(self)  # under torchrun, rank 0's values, held by every rank for the update
         epochs = self.epochs()  # read once per update: a change applies from the next update
         for _ in range(epochs):
             indexes = torch.randperm(self.batch_size, device=self.device)
@@ -808,21 +799,15 @@ class Trainer:
                 # read at every minibatch, so a change from the dashboard applies at once
                 lr = self.current_learning_rate()
                 dynamic = {name: getattr(self, name)() for name in MINIBATCH_DYNAMIC}
-                if self.graphs:
-                    self.graphed_step = self.graphed_step or GraphedTrainStep(self, samples)
-                    stats.append(self.graphed_step(samples, mini_batch_indexes, lr, dynamic).clone())
-                else:
-                    for pg in self.optimizer.param_groups:
-                        pg["lr"] = lr
-                    mini_batch = {k: gather_rows(v, mini_batch_indexes) for k, v in samples.items()}
-                    stats.append(self._train_step(mini_batch, **dynamic))
+                stats.append(self.train_step(samples, mini_batch_indexes, lr, dynamic))
                 used.append(list(dynamic.values()))
                 self.optimizer_steps += 1
-        means = torch.stack(stats).double().mean(0)
-        if self.ranks:  # torchrun: the statistics of the whole job's minibatches
-            means = self.ranks.average(means)
-        means = dict(zip(STATS, means.cpu().tolist()), **dict(zip(MINIBATCH_DYNAMIC, np.mean(used, axis=0).tolist())))
-        return {**means, "learning_rate": lr, "epochs": epochs}
+        # under torchrun, the means over the whole job's minibatches
+        means = self.partner.average(torch.stack(stats).double().mean(0))
+        result = dict(zip(STATS, means.cpu().tolist()))
+        result.update(zip(MINIBATCH_DYNAMIC, np.mean(used, axis=0).tolist()))
+        result.update(learning_rate=lr, epochs=epochs)
+        return result
 
     def _train_step(self, mini_batch: Dict[str, torch.Tensor], **dynamic) -> torch.Tensor:
         """One gradient step on a minibatch; returns its statistics. The dynamic values are floats,
@@ -830,8 +815,7 @@ class Trainer:
         loss, stats = self._calc_loss(mini_batch, **dynamic)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.ranks:  # torchrun: every rank steps with the mean of the ranks' gradients
-            self.ranks.average_gradients(self.model.parameters())
+        self.partner.average_gradients(self.model.parameters())  # under torchrun, the ranks' mean
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.configs.max_grad_norm)
         self.optimizer.step()
         return stats
@@ -843,7 +827,7 @@ class Trainer:
         return self.learning_rate()
 
     def _normalize(self, adv: torch.Tensor) -> torch.Tensor:
-        mean, std = self.ranks.mean_std(adv) if self.ranks else (adv.mean(), adv.std())  # torchrun: all ranks'
+        mean, std = self.partner.mean_std(adv)  # under torchrun, over every rank's share of the minibatch
         return (adv - mean) / (std + 1e-8)
 
     def _calc_loss(self, samples: Dict[str, torch.Tensor], clip_range, value_loss_coef, entropy_bonus_coef):
@@ -871,8 +855,8 @@ class Trainer:
             start, env_steps = time.perf_counter(), self.env_steps
             samples = self.sample()
             stats = self.train(samples)
-            if self.ranks:  # torchrun: every rank stops at the update where any was asked to
-                self.stop_requested = self.ranks.largest(self.stop_requested)
+            # under torchrun, every rank stops at the update where any was asked to
+            self.stop_requested = self.partner.largest(self.stop_requested)
             self.update = update + 1
             stats["explained_variance"] = self.explained_variance
             stats["steps_per_second"] = (self.env_steps - env_steps) / (time.perf_counter() - start)
@@ -946,36 +930,58 @@ class Trainer:
 # the stop signals, run_files.py keeps the run folder, dashboard.py finds the dashboard, and under
 # torchrun distributed.py joins this process to the job's others.
 
+# what `python ppo_breakout.py` needs beside it: the module below it, its tools, labml's project file
+SCRIPT_FILES = (
+    "ppo_breakout.py",
+    "speed.py",
+    "cli.py",
+    "run_files.py",
+    "plots.py",
+    "evaluate.py",
+    "dashboard.py",
+    "distributed.py",
+    ".labml.yaml",
+)
+TOOLS = {"evaluate": "evaluate", "plot": "plots", "dashboard": "dashboard"}  # subcommand: module
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tools live beside this file
-    sys.modules.setdefault("ppo_breakout", sys.modules[__name__])  # and import this very module
-    tools = {"evaluate": "evaluate", "plot": "plots", "dashboard": "dashboard"}
-    if argv and argv[0] in tools:
-        return importlib.import_module(tools[argv[0]]).main(argv[1:])
+    if argv and argv[0] in TOOLS:
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank of a torchrun job: distributed.py joins the others
         return importlib.import_module("distributed").main(argv)
     import cli
 
-    configs, checkpoint, comment, dashboard_flag = cli.parse(argv)  # one line and exit 2 on bad input
-    return train(configs, checkpoint, comment, dashboard_flag)
+    configs, run_settings, checkpoint, comment, dashboard_flag = cli.parse(argv)  # one line, exit 2 on bad input
+    return train(configs, run_settings, checkpoint, comment, dashboard_flag)
 
 
-def train(configs: Configs, checkpoint=None, comment=None, dashboard_flag="off", ranks=None, rank_seed=None) -> int:
-    """Train, reporting to labml; its exit status. Under torchrun (`ranks`), rank 0 alone reports
-    and keeps the run folder, and each rank draws its actions from a stream seeded by `rank_seed`."""
+def train(
+    configs: Configs,
+    run_settings: Optional[RunSettings] = None,
+    checkpoint: Optional[dict] = None,
+    comment: Optional[str] = None,
+    dashboard_flag: str = "off",
+    partner=None,
+    rank_seed: Optional[int] = None,
+) -> int:
+    """Train, reporting to labml; its exit status. Under torchrun (`partner`, the job's
+    `distributed.Ranks`), rank 0 alone reports and keeps the run folder, and each rank draws its
+    actions from a stream seeded by `rank_seed`."""
     import cli
     import dashboard
     import plots
     import run_files
 
-    lead = ranks is None or ranks.rank == 0
+    run_settings = run_settings or RunSettings()
+    partner = partner or OneProcess()
+    lead = partner.rank == 0
     url = dashboard.connect(dashboard_flag) if lead else None
     if lead:
         writers = {"screen", "sqlite"} | ({"web_api"} if url else set())
         experiment.create(name="ppo_breakout", comment=comment, writers=writers)
-    run = run_files.RunFolder(configs, checkpoint is not None, ranks.job if ranks else None) if lead else None
+    run = run_files.RunFolder(run_settings, checkpoint is not None, partner.job) if lead else None
     trainer = None
 
     def after_update(stats: Dict[str, float]):
@@ -983,23 +989,25 @@ def train(configs: Configs, checkpoint=None, comment=None, dashboard_flag="off",
             plots.refresh_curve(run.path)
 
     try:
-        trainer = Trainer(configs, checkpoint=checkpoint, ranks=ranks)
+        trainer = Trainer(configs, run_settings, checkpoint=checkpoint, partner=partner)
         if rank_seed is not None:
             torch.manual_seed(rank_seed)
         if lead:
             hyperparams = {k: getattr(trainer, k) for k in DYNAMIC}
-            experiment.configs({**dataclasses.asdict(configs), **hyperparams, "resumed_from": comment or ""})
+            settings = {**dataclasses.asdict(configs), **dataclasses.asdict(run_settings)}
+            experiment.configs({**settings, **hyperparams, "resumed_from": comment or ""})
             if comment:
                 print(comment)
         with (
-            cli.stop_handlers(trainer, again_stops=ranks is None),
+            # torchrun passes its own second signal on to its ranks: theirs does not stop at once
+            cli.stop_handlers(trainer, again_stops=not partner.torchrun),
             experiment.start() if lead else contextlib.nullcontext(),
         ):
             if url:
                 dashboard.claim_run(url, experiment.get_uuid())
             trainer.run_training_loop(after_update)
     except (KeyboardInterrupt, cli.StopRequested, WorkerError, run_files.RunFileError, OSError) as e:
-        return cli.exit_code(e, run, ranks)
+        return cli.exit_code(e, run, partner)
     finally:
         if trainer is not None:
             trainer.destroy()
@@ -1009,4 +1017,8 @@ def train(configs: Configs, checkpoint=None, comment=None, dashboard_flag="off",
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The tools import this file as the module `ppo_breakout`; run that module's main, so that
+    # they and it share one copy, not a second one named __main__.
+    import ppo_breakout
+
+    sys.exit(ppo_breakout.main())

@@ -140,11 +140,11 @@ def resume(path, explicit: dict) -> Tuple[dict, str]:
 class RunFolder:
     """The folder labml made for the current run."""
 
-    def __init__(self, configs: "ppo.Configs", resumed: bool, job: Optional[str] = None):
+    def __init__(self, run_settings: "ppo.RunSettings", resumed: bool, job: Optional[str] = None):
         from labml.internal.experiment import experiment_singleton
 
         self.path = Path(experiment_singleton().run.run_path)
-        self.configs, self.resumed = configs, resumed
+        self.run_settings, self.resumed = run_settings, resumed
         self.job = job  # a torchrun job's name: its restarts go on from this folder's checkpoints
 
     def keep(self, trainer: "ppo.Trainer", stats: Dict[str, float]) -> bool:
@@ -153,9 +153,9 @@ class RunFolder:
         write_metrics(self.path, trainer, stats)
         if self.job is not None and not (self.path / JOB_FILE).exists():
             (self.path / JOB_FILE).write_text(self.job)
-        c = self.configs
-        if trainer.update % c.checkpoint_every == 0 or trainer.update == c.updates or trainer.stop_requested:
-            save_checkpoint(trainer, self.path, c.keep_checkpoints)
+        r = self.run_settings
+        if trainer.update % r.checkpoint_every == 0 or trainer.update == trainer.updates or trainer.stop_requested:
+            save_checkpoint(trainer, self.path, r.keep_checkpoints)
             return True
         return False
 
@@ -166,6 +166,6 @@ class RunFolder:
             return f"no update had finished, so nothing was saved{kept}"
         checkpoints = sorted((self.path / "checkpoints").glob("update_*.pt"))
         if not checkpoints:
-            every = f"one every {self.configs.checkpoint_every} updates"
+            every = f"one every {self.run_settings.checkpoint_every} updates"
             return f"no checkpoint yet ({every}); the metrics are in {self.path}{kept}"
         return f"the last checkpoint is {checkpoints[-1]}; the metrics are in {self.path}"

@@ -21,9 +21,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# the files `python ppo_breakout.py` needs beside it, as bench.py copies them for its torchrun runs
-from bench import SCRIPT_FILES  # noqa: E402
+# the files `python ppo_breakout.py` needs beside it
 from cli import flag_of  # noqa: E402
+from ppo_breakout import SCRIPT_FILES  # noqa: E402
 
 # The one configuration the tests train with: the smallest that still has several workers,
 # several minibatches and several samples per minibatch.

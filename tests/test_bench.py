@@ -285,13 +285,16 @@ def test_device_ids_put_2_ranks_on_one_gpu_only_where_there_are_fewer_gpus():
 
 def test_training_flags_give_the_same_configuration_to_ppo_breakout():
     import cli
+    import ppo_breakout as ppo
 
     argv = [*TINY_FLAGS, "--no-channels-last", "--learning-rate", "0.00025", "--updates", "7", "--device-ids", "0"]
-    c = cli.configs_from(vars(cli.build_parser().parse_args(argv)))
-    flags = bench.training_flags(c)
+    given = vars(cli.build_parser().parse_args(argv))
+    c, r = cli.configs_from(given), cli.configs_from(given, ppo.RunSettings)
+    flags = bench.training_flags(c, r)
     assert "--updates" not in flags and "--device-ids" not in flags  # compare_ranks sets them
-    again = cli.configs_from(vars(cli.build_parser().parse_args([*flags, "--updates", "7", "--device-ids", "0"])))
-    assert again == c
+    again = vars(cli.build_parser().parse_args([*flags, "--updates", "7", "--device-ids", "0"]))
+    assert cli.configs_from(again) == c and cli.configs_from(again, ppo.RunSettings) == r
+    assert not r.channels_last and c.learning_rate == 0.00025
 
 
 def test_a_failed_run_under_ranks_is_one_line_naming_it_and_exit_1(tmp_path, temporary):

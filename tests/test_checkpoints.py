@@ -1,6 +1,7 @@
 """Checkpoints (run_files.py): written atomically, the newest few kept, refused with one line
 when bad, and `--resume` going on from them."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import torch
 from conftest import (
     TINY,
     TINY_FLAGS,
+    copy_script,
     files_of_at_most,
     run_main,
     run_python,
@@ -162,3 +164,20 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_run_with_one_line_and_keep
     assert not list((run / "checkpoints").iterdir()), "the partial file is removed"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     # and its workers went with it: the no_process_left check after each test sees any that did not
+
+
+def test_a_resume_takes_the_run_settings_from_its_command_line_not_from_the_checkpoint(tmp_path, short_run):
+    # a checkpoint of a torchrun job on GPU 1 (written before the settings were split, when it held
+    # the machine's settings too), resumed alone on this CPU machine
+    state = torch.load(find_checkpoint(short_run), weights_only=True)
+    state["configs"].update(device="cuda:1", cuda_graphs=False, checkpoint_every=1, keep_checkpoints=9)
+    folder = copy_script(tmp_path)
+    torch.save(state, folder / "gpu_rank.pt")
+    result = run_python(folder, "ppo_breakout.py", "--resume", "gpu_rank.pt", "--updates", "6", "--dashboard", "off")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = folder.glob("logs/ppo_breakout/*")
+    # checkpoint_every is this command line's default, 50, not the checkpoint's 1: only the last
+    assert [c.name for c in (run / "checkpoints").glob("*.pt")] == ["update_0000006.pt"]
+    written = torch.load(run / "checkpoints" / "update_0000006.pt", weights_only=True)
+    assert set(written["configs"]) == {f.name for f in dataclasses.fields(ppo_breakout.Configs)}
+    assert written["model"]["conv1.weight"].device.type == "cpu"

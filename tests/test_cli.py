@@ -3,6 +3,7 @@ ends: a dead worker, Ctrl-C, SIGTERM, a terminal's hang-up, nohup."""
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -103,6 +104,19 @@ def test_help_shows_every_flag_with_its_default(script_dir):
         assert flag in out
         line = " ".join(out.split(f"  {flag} ", 1)[1].split("\n  --", 1)[0].split())
         assert f"(default: {default})" in line, (flag, line)
+
+
+def test_help_shows_the_algorithms_settings_apart_from_the_runs(script_dir):
+    out = run_python(script_dir, "ppo_breakout.py", "--help", timeout=60).stdout
+    algorithm, run = out.split("the algorithm's settings:", 1)[1].split("the run's settings:", 1)
+
+    def lists(text: str, flag: str) -> bool:
+        return re.search(rf"^  {flag}[ ,]", text, flags=re.M) is not None
+
+    for flag in ("--updates", "--epochs", "--learning-rate", "--seed", "--game", "--clip-rewards"):
+        assert lists(algorithm, flag) and not lists(run, flag), flag
+    for flag in ("--device", "--precision", "--cuda-graphs", "--checkpoint-every", "--device-ids", "--resume"):
+        assert lists(run, flag) and not lists(algorithm, flag), flag
 
 
 def test_importing_the_modules_starts_nothing(tmp_path):

@@ -64,7 +64,7 @@ def test_the_ranks_keep_identical_weights_count_every_ranks_games_and_take_a_das
         gather = ranks.all_games
         ranks.all_games = lambda games: (local.append(list(games)), gather(games))[1]
         # 200 steps a worker: games of a random policy end in that time
-        trainer = ppo.Trainer(ranks=ranks, **dict({TINY!r}, worker_steps=200, batches=4))
+        trainer = ppo.Trainer(partner=ranks, **dict({TINY!r}, worker_steps=200, batches=4))
         torch.manual_seed(ranks.rank)  # each rank its own actions, as distributed.main does
         used = [trainer.train(trainer.sample())["clip_range"]]
         if ranks.rank == 0:
@@ -103,7 +103,7 @@ def test_a_minibatch_step_with_two_ranks_equals_one_process_on_the_same_samples(
         )
         dynamic = dict(clip_range=0.1, value_loss_coef=0.5, entropy_bonus_coef=0.01)
         half = {{k: v[32 * ranks.rank : 32 * (ranks.rank + 1)] for k, v in batch.items()}}
-        with ppo.Trainer(ranks=ranks, **config) as shared:
+        with ppo.Trainer(partner=ranks, **config) as shared:
             shared._train_step(half, **dynamic)
             weights = torch.cat([p.detach().flatten() for p in shared.model.parameters()])
         if ranks.rank == 0:
@@ -223,7 +223,7 @@ def test_a_rank_refuses_a_device_map_or_backend_that_does_not_fit(settings, loca
     import ppo_breakout as ppo
 
     with pytest.raises(ValueError) as refused:
-        distributed.device_for(ppo.Configs(**settings), local_rank, local_ranks)
+        distributed.device_for(ppo.RunSettings(**settings), local_rank, local_ranks)
     assert str(refused.value) == problem
 
 
@@ -233,8 +233,8 @@ def test_each_local_rank_takes_its_own_gpu_or_the_one_the_map_names(monkeypatch)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert [distributed.device_for(ppo.Configs(device="cuda"), r, 2) for r in (0, 1)] == ["cuda:0", "cuda:1"]
-    shared = ppo.Configs(device="cuda", device_ids="0,0")
+    assert [distributed.device_for(ppo.RunSettings(device="cuda"), r, 2) for r in (0, 1)] == ["cuda:0", "cuda:1"]
+    shared = ppo.RunSettings(device="cuda", device_ids="0,0")
     assert [distributed.device_for(shared, r, 2) for r in (0, 1)] == ["cuda:0", "cuda:0"]
     with pytest.raises(ValueError, match="there is no GPU 5 \\(2 here\\)"):
-        distributed.device_for(ppo.Configs(device="cuda", device_ids="5,0"), 0, 2)
+        distributed.device_for(ppo.RunSettings(device="cuda", device_ids="5,0"), 0, 2)

@@ -227,12 +227,12 @@ def test_the_notebook_passes_ruff():
 def test_auto_precision_takes_bf16_only_on_gpus_that_compute_it_natively(monkeypatch, capability, expected):
     import torch
 
-    import ppo_breakout as ppo
+    import speed
 
     # a T4 (7.5) says is_bf16_supported() through emulation: the capability decides
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    dtype = ppo.select_dtype("auto", torch.device("cuda:0"))
+    dtype = speed.autocast_dtype("auto", torch.device("cuda:0"))
     assert dtype == (torch.bfloat16 if expected else None)
-    assert ppo.select_dtype("fp32", torch.device("cuda:0")) is None
-    assert ppo.select_dtype("bf16", torch.device("cuda:0")) == torch.bfloat16
+    assert speed.autocast_dtype("fp32", torch.device("cuda:0")) is None
+    assert speed.autocast_dtype("bf16", torch.device("cuda:0")) == torch.bfloat16

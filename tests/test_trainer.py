@@ -10,8 +10,9 @@ import torch
 from conftest import ROOT, TINY
 from torch.distributions import Categorical
 
-from ppo_breakout import Game, Model, Trainer, gather_rows, torch_threads
+from ppo_breakout import Game, Model, Trainer
 from run_files import write_metrics
+from speed import gather_rows, torch_threads
 
 
 def test_one_update_end_to_end_on_the_cpu(tmp_path):
@@ -92,7 +93,7 @@ def test_the_rollout_pairs_each_game_observation_with_its_action_and_outcome():
         # computed them, a step's n_workers frames at a time, in its threads and autocast (bf16 on
         # a CPU with AVX-512 bf16 or AMX, where fp32 on all the frames at once differs by 2e-4),
         # they are the same numbers
-        with torch.no_grad(), trainer._autocast(), torch_threads(trainer.configs.rollout_threads):
+        with torch.no_grad(), trainer._autocast(), torch_threads(trainer.run_settings.rollout_threads):
             for step in range(t):
                 pi, v = trainer.model(trainer.rollout_obs[:, step])
                 log_pi = pi.log_prob(trainer.actions[:, step])

@@ -1,0 +1,175 @@
+"""
+The speed machinery under `ppo_breakout.py`'s Trainer: none of it changes what is computed, only how
+fast. Each piece is switched by a run setting and measured in docs/speed.md. This module imports
+torch and nothing of the project's, so the experiment reads as the algorithm and calls these
+through one small interface each:
+
+- `TrainStep`: one minibatch's gradient step, run eagerly or replayed as a CUDA graph;
+- `Forward`: the rollout's forward pass, eagerly or as a CUDA graph per batch size;
+- `autocast_dtype`: bf16 autocast only where the hardware computes bf16 natively;
+- `reuse_freed_memory` and `torch_threads`: the allocator's and the rollout's thread settings.
+"""
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for `--precision`, or None for plain fp32. `auto` takes bf16 only where the
+    hardware computes it natively (emulated bf16 is slower than fp32): a GPU of compute capability
+    8.0 or later (Ampere on; a T4 emulates it, though `torch.cuda.is_bf16_supported()` says yes), an
+    AVX-512 bf16 or AMX CPU."""
+    if precision != "auto":
+        return torch.bfloat16 if precision == "bf16" else None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else None
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+        return torch.bfloat16 if "avx512_bf16" in flags or "amx_bf16" in flags else None
+    return None
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc keep freed memory in the heap, for this process and workers forked after it: by
+    default it maps each large block anew and unmaps it when freed, so every minibatch faults its
+    tens of MB in again page by page. False where malloc is not glibc's."""
+    import ctypes
+
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt's parameters, from glibc's malloc.h
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    # 32 MiB is the largest mmap threshold glibc accepts; keep up to 1 GiB of free heap
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """`threads` torch threads inside (0: unchanged): the rollout's forward passes are small
+    batches, and idle torch threads spin on the workers' cores."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def gather_rows(x: torch.Tensor, indexes: torch.Tensor) -> torch.Tensor:
+    """`x[indexes]` along the first dimension, copied a whole sample at a time (advanced indexing
+    copies element by element). An NHWC batch is gathered as the [batch, 84, 84, 4] rows it is
+    stored as, and stays NHWC."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.index_select(x.permute(0, 2, 3, 1), 0, indexes).permute(0, 3, 1, 2)
+    return torch.index_select(x, 0, indexes)
+
+
+class CudaGraph:
+    """`fn(inputs)` recorded as a CUDA graph: the model is small, so launching its dozens of kernels
+    one by one from Python costs more than running them. Fill `inputs` (a dict of device tensors)
+    in place, then call: the recorded kernels run and the same `output` tensors come back every
+    time. `fn` first runs 3 times on a side stream, as capture requires: undo any effect it has."""
+
+    def __init__(self, fn: Callable, inputs: Dict[str, torch.Tensor]):
+        self.inputs, stream = inputs, torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn(inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = fn(inputs)
+
+    def __call__(self):
+        self.graph.replay()
+        return self.output
+
+
+class Forward:
+    """`fn({"obs": obs})` on `device` for a batch of observations: eagerly, or with `graphs` as a
+    CUDA graph recorded at the first batch of each size."""
+
+    def __init__(self, fn: Callable, device: torch.device, graphs: bool):
+        self.fn, self.device, self.graphs = fn, device, graphs
+        self.recorded: Dict[int, CudaGraph] = {}
+
+    def __call__(self, obs: torch.Tensor):
+        if not self.graphs:
+            return self.fn({"obs": obs.to(self.device)})
+        if len(obs) not in self.recorded:
+            self.recorded[len(obs)] = CudaGraph(self.fn, {"obs": obs.to(self.device)})
+        graph = self.recorded[len(obs)]
+        graph.inputs["obs"].copy_(obs)
+        return graph()
+
+
+class TrainStep:
+    """One minibatch's gradient step: `step(samples, indexes, lr, dynamic) -> statistics` gathers
+    the rows `indexes` of `samples`, sets the optimizer's learning rate to `lr`, and calls
+    `fn(minibatch, **dynamic)`, which takes the step and returns a tensor of statistics. The
+    dynamic values are floats here."""
+
+    def __init__(self, fn: Callable, optimizer: torch.optim.Optimizer):
+        self.fn, self.optimizer = fn, optimizer
+
+    def __call__(self, samples: Dict[str, torch.Tensor], indexes: torch.Tensor, lr: float, dynamic: Dict[str, float]):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        mini_batch = {k: gather_rows(v, indexes) for k, v in samples.items()}
+        return self.fn(mini_batch, **dynamic)
+
+
+class GraphedTrainStep(TrainStep):
+    """The same step replayed as a CUDA graph, recorded at the first call: the minibatch is gathered
+    into the graph's input buffers, and the learning rate and the dynamic values into device
+    tensors the graph reads (`fn` gets them as zero-dimensional tensors). The optimizer's learning
+    rate becomes a device tensor and its step `capturable`; a checkpoint saves them as before."""
+
+    def __init__(self, fn: Callable, optimizer: torch.optim.Optimizer, mini_batch_size: int):
+        super().__init__(fn, optimizer)
+        self.mini_batch_size = mini_batch_size
+        self.graph: Optional[CudaGraph] = None
+        self.values: Optional[Dict[str, float]] = None  # the values the graph's tensors hold
+
+    def _record(self, samples: Dict[str, torch.Tensor], dynamic_names: List[str]):
+        group = self.optimizer.param_groups[0]
+        device = next(iter(samples.values())).device
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        group["capturable"] = True
+        inputs = {k: v[: self.mini_batch_size].clone() for k, v in samples.items()}
+        inputs.update({name: torch.zeros((), device=device) for name in dynamic_names})
+        # the capture's warm-up takes real steps: put the weights and Adam's state back after it
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        weights = [p.detach().clone() for p in params]
+        state = self.optimizer.state
+        moments = {p: {k: v.clone() for k, v in state[p].items()} for p in state}
+        self.graph = CudaGraph(lambda x: self.fn(x, **{name: x[name] for name in dynamic_names}), inputs)
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+                for k, v in state[p].items():
+                    if p in moments:
+                        v.copy_(moments[p][k])
+                    else:  # there was no state yet: a fresh Adam
+                        v.zero_()
+
+    def __call__(self, samples: Dict[str, torch.Tensor], indexes: torch.Tensor, lr: float, dynamic: Dict[str, float]):
+        if self.graph is None:
+            self._record(samples, list(dynamic))
+        inputs = self.graph.inputs
+        for k, v in samples.items():
+            torch.index_select(v, 0, indexes, out=inputs[k])
+        values = {"learning_rate": lr, **dynamic}
+        if values != self.values:  # a fill is a kernel launch: only on a change
+            self.optimizer.param_groups[0]["lr"].fill_(lr)
+            for name, value in dynamic.items():
+                inputs[name].fill_(value)
+            self.values = values
+        # a copy: the graph's output tensors are overwritten at the next replay
+        return self.graph().clone()
