@@ -27,12 +27,23 @@ def reset(worker: Worker) -> np.ndarray:
 
 def test_step_reset_close_round_trip():
     worker = Worker(seed=5, index=0)
+    game = Game(seed=5)
+    rng = np.random.default_rng(5)
+    dones = []
     try:
         obs = reset(worker)
-        np.testing.assert_array_equal(obs, Game(seed=5).reset())
-        obs, reward, done, info = step(worker, 1)
-        assert obs.shape == OBS_SHAPE and obs.dtype == np.uint8
-        assert reward in (0.0, 1.0) and done in (False, True)
+        np.testing.assert_array_equal(obs, game.reset())
+        for t in range(60):  # long enough to lose a life
+            action = int(rng.integers(4))
+            obs, reward, done, info = step(worker, action)
+            expected_obs, expected_reward, expected_done, expected_info = game.step(action)
+            assert obs.shape == OBS_SHAPE and obs.dtype == np.uint8
+            np.testing.assert_array_equal(obs, expected_obs, err_msg=f"step {t}")
+            assert type(reward) is float and type(done) is bool, t
+            assert (reward, done, info) == (expected_reward, expected_done, expected_info), t
+            dones.append(done)
+        assert True in dones and False in dones, "both kinds of step were checked"
+        np.testing.assert_array_equal(reset(worker), game.reset())  # a reset after steps, too
     finally:
         worker.close()
     assert not worker.process.is_alive() and worker.process.exitcode == 0
