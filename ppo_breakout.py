@@ -246,9 +246,10 @@ class Game:
         for _ in range(self.rng.integers(1, NOOP_MAX + 1)):
             self._act(self.actions[0])  # the minimal action set starts with NOOP
         if self.fire is not None:
-            self._repeat(self.fire)
-        self.ale.getScreenGrayscale(self.screens[0])
-        self.screens[1] = self.screens[0]
+            self._repeat(self.fire)  # its last two screens make the first frame, as every step's do
+        else:
+            self.ale.getScreenGrayscale(self.screens[0])
+            self.screens[1] = self.screens[0]
         self._push_frame()
         self.obs_4[:] = self.obs_4[-1]
         self.score, self.length, self.lives = 0.0, 0, self.ale.lives()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import ppo_breakout
-from ppo_breakout import FRAME_SIZE, FRAME_SKIP, NOOP_MAX, OBS_SHAPE, Game, minimal_actions, rom_path
+from ppo_breakout import FRAME_SIZE, FRAME_SKIP, FRAME_STACK, NOOP_MAX, OBS_SHAPE, Game, minimal_actions, rom_path
 
 
 def test_breakout_has_its_four_minimal_actions():
@@ -157,6 +157,27 @@ def test_a_step_shows_the_max_of_its_last_two_frames():
         max_is_not_last += not np.array_equal(expected, last_only)
     # so the check above would fail on a frame stack of the last frame alone
     assert max_is_not_last >= 15
+
+
+def test_a_game_starts_from_the_max_of_its_fire_steps_last_two_frames():
+    game = Game(seed=15)
+    obs = game.reset()
+    noops = game.ale.getEpisodeFrameNumber() - FRAME_SKIP
+    raw = _raw_breakout(15)
+    raw.reset_game()
+    for _ in range(noops):
+        raw.act(ale_py.Action.NOOP)
+    frames = []
+    for _ in range(FRAME_SKIP):
+        raw.act(ale_py.Action.FIRE)
+        frames.append(raw.getScreenGrayscale())
+    third, fourth = frames[-2:]
+    assert not np.array_equal(third, fourth), "the two frames differ, so the max is not the last alone"
+    expected = cv2.resize(np.maximum(third, fourth), (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_AREA)
+    last_only = cv2.resize(fourth, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_AREA)
+    assert not np.array_equal(expected, last_only)
+    for k in range(FRAME_STACK):
+        np.testing.assert_array_equal(obs[k], expected, err_msg=f"frame {k}")
 
 
 def test_fire_relaunches_the_ball_after_a_lost_life():
