@@ -4,6 +4,7 @@ JSON line an update, the record that needs no server; and `checkpoints/update_NN
 atomically, the newest few kept. `python ppo_breakout.py --resume` and `evaluate` read them here.
 """
 
+import io
 import json
 import os
 import time
@@ -88,11 +89,12 @@ def find_checkpoint(path: Path) -> Path:
     return path
 
 
-def load_checkpoint(path, game: Optional[str] = None) -> Tuple[Path, dict]:
-    """Read a checkpoint (file or run folder); with `game`, check its policy fits that game."""
-    path = find_checkpoint(Path(path))
+def load_checkpoint(path, game: Optional[str] = None, data: Optional[bytes] = None) -> Tuple[Path, dict]:
+    """Read a checkpoint (file or run folder); with `game`, check its policy fits that game. With
+    `data`, the bytes of the checkpoint file `path` (read on another machine) are read instead."""
+    path = find_checkpoint(Path(path)) if data is None else Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({type(e).__name__})")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
