@@ -216,7 +216,7 @@ def learn(argv, steps: int, target: float) -> int:
     from metrics.jsonl, in one line whose format stays the same so runs can be compared."""
     import subprocess
 
-    c = cli.configs_from(vars(cli.build_parser().parse_args(argv)))
+    c = ppo.settings_from(ppo.Configs, vars(cli.build_parser().parse_args(argv)))
     updates = -(-steps // (c.n_workers * c.worker_steps))
     folder = Path(__file__).resolve().parent
     before = set(folder.glob("logs/ppo_breakout/*"))
@@ -543,7 +543,7 @@ def main():
                 del argv[i : i + 2]
         return learn(argv, args.steps or 1_000_000, args.target)
     args = parser.parse_args()
-    c, r = cli.configs_from(vars(args)), cli.configs_from(vars(args), ppo.RunSettings)
+    c, r = ppo.settings_from(ppo.Configs, vars(args)), ppo.settings_from(ppo.RunSettings, vars(args))
     errors = cli.config_errors(c, r)
     if errors:
         name, problem = errors[-1]

@@ -71,13 +71,6 @@ def build_parser(add_help: bool = True, defaults: bool = True) -> argparse.Argum
     return parser
 
 
-def configs_from(values: dict, settings=None):
-    """The `settings` (Configs, or RunSettings) whose fields are among `values` (parsed flags, a
-    checkpoint's configuration), with their defaults elsewhere."""
-    settings = settings or ppo.Configs
-    return settings(**{k: v for k, v in values.items() if k in settings.__dataclass_fields__})
-
-
 def fail(prog: str, message: str) -> int:
     """One line on stderr naming the problem; the exit status for bad input."""
     print(f"{prog}: error: {message}", file=sys.stderr)
@@ -92,7 +85,7 @@ def given_flags(argv: List[str]) -> dict:
 def resumed_configs(checkpoint: dict, argv: List[str]) -> "ppo.Configs":
     """A checkpoint's algorithm settings, with the flags `argv` gives overriding them. (A checkpoint
     written before the settings were split holds the run's settings too: they are not taken.)"""
-    return configs_from({**checkpoint["configs"], **given_flags(argv)})
+    return ppo.settings_from(ppo.Configs, {**checkpoint["configs"], **given_flags(argv)})
 
 
 class BadInput(SystemExit):
@@ -104,7 +97,7 @@ def parse(argv: List[str]) -> Tuple["ppo.Configs", "ppo.RunSettings", Optional[d
     flag); raises BadInput, having said why in one line, before anything starts."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    configs, run_settings = configs_from(args), configs_from(args, ppo.RunSettings)
+    configs, run_settings = ppo.settings_from(ppo.Configs, args), ppo.settings_from(ppo.RunSettings, args)
     checkpoint, comment = None, None
     if args["resume"]:
         try:

@@ -112,6 +112,12 @@ class RunSettings:
     device_ids: str = setting("", "torchrun: the GPU of each local rank, such as 0,0 for 2 ranks on GPU 0")
 
 
+def settings_from(kind, values: dict):
+    """`kind` (Configs or RunSettings) from those of `values` that are its fields (parsed flags, a
+    checkpoint's configuration), its defaults for the rest."""
+    return kind(**{k: v for k, v in values.items() if k in kind.__dataclass_fields__})
+
+
 # ⚙️ The settings that may change while a run goes on, from the labml dashboard, with the ranges it
 # offers (labml's experiment's). A value given outside its range widens it.
 DYNAMIC = {
@@ -632,7 +638,8 @@ class Trainer:
     for `epochs` passes of `batches` minibatches over each batch. `Trainer(configs, run_settings,
     **overrides)`: any `Configs` or `RunSettings` field may be overridden by keyword, the dynamic
     ones by labml dynamic hyperparameters (as labml's experiment did); `checkpoint`, a
-    `state_dict()`, continues that run; `partner` is torchrun's `distributed.Ranks`, or nobody."""
+    `state_dict()`, continues that run, with its own settings (the dashboard's last values among
+    them) unless `configs` are given; `partner` is torchrun's `distributed.Ranks`, or nobody."""
 
     def __init__(
         self,
@@ -648,6 +655,8 @@ class Trainer:
             raise TypeError(f"Trainer() got unknown settings {sorted(unknown)}")
         algorithm = {k: v for k, v in plain.items() if k in Configs.__dataclass_fields__}
         machine = {k: v for k, v in plain.items() if k in RunSettings.__dataclass_fields__}
+        if configs is None and checkpoint is not None:  # without settings, the checkpoint's go on
+            configs = settings_from(Configs, checkpoint["configs"])
         c = self.configs = dataclasses.replace(configs or Configs(), **algorithm)
         r = self.run_settings = dataclasses.replace(run_settings or RunSettings(), **machine)
         problem = batches_problem(c)  # cli.config_errors checks the rest before a run starts
@@ -904,8 +913,6 @@ class Trainer:
         self.optimizer_steps = state["optimizer_steps"]
         self.episode_rewards.extend(state["episode_rewards"])
         self.episode_lengths.extend(state["episode_lengths"])
-        for name in DYNAMIC:
-            getattr(self, name)._value = state["configs"][name]
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])

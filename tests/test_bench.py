@@ -289,11 +289,11 @@ def test_training_flags_give_the_same_configuration_to_ppo_breakout():
 
     argv = [*TINY_FLAGS, "--no-channels-last", "--learning-rate", "0.00025", "--updates", "7", "--device-ids", "0"]
     given = vars(cli.build_parser().parse_args(argv))
-    c, r = cli.configs_from(given), cli.configs_from(given, ppo.RunSettings)
+    c, r = ppo.settings_from(ppo.Configs, given), ppo.settings_from(ppo.RunSettings, given)
     flags = bench.training_flags(c, r)
     assert "--updates" not in flags and "--device-ids" not in flags  # compare_ranks sets them
     again = vars(cli.build_parser().parse_args([*flags, "--updates", "7", "--device-ids", "0"]))
-    assert cli.configs_from(again) == c and cli.configs_from(again, ppo.RunSettings) == r
+    assert ppo.settings_from(ppo.Configs, again) == c and ppo.settings_from(ppo.RunSettings, again) == r
     assert not r.channels_last and c.learning_rate == 0.00025
 
 

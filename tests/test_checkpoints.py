@@ -2,6 +2,7 @@
 when bad, and `--resume` going on from them."""
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -121,6 +122,34 @@ def test_resume_from_the_cli_continues_the_update_count_in_a_run_that_names_the_
     assert f"continues run {short_run.name}" in (new_run / "run.yaml").read_text()
     metrics = (new_run / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 1 and '"update": 5' in metrics[0]
+
+
+def resumed_metrics(tmp_path, short_run, *flags) -> list:
+    """The metrics of `--resume` from the short run's last checkpoint (update 4 of 4), to update 6,
+    where the dashboard had changed three dynamic values before the checkpoint; and `flags`."""
+    state = torch.load(find_checkpoint(short_run), weights_only=True)
+    state["configs"].update(learning_rate=5e-4, epochs=3, clip_range=0.15)  # the dashboard's last
+    folder = copy_script(tmp_path)
+    torch.save(state, folder / "steered.pt")
+    args = ["--resume", "steered.pt", "--updates", "6", "--dashboard", "off", *flags]
+    result = run_python(folder, "ppo_breakout.py", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = folder.glob("logs/ppo_breakout/*")
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_flags_given_with_resume_win_over_the_checkpoints_dynamic_values(tmp_path, short_run):
+    records = resumed_metrics(tmp_path, short_run, "--learning-rate", "1e-4", "--epochs", "2", "--clip-range", "0.2")
+    assert [r["update"] for r in records] == [5, 6]
+    # the linear schedule scales the given rate: update u (from 0) of 6 trains at 1e-4 * (1 - u / 6)
+    assert [r["learning_rate"] for r in records] == pytest.approx([1e-4 * 2 / 6, 1e-4 * 1 / 6])
+    assert [(r["epochs"], r["clip_range"]) for r in records] == [(2, 0.2), (2, 0.2)]
+
+
+def test_without_flags_a_resume_goes_on_with_the_checkpoints_dynamic_values(tmp_path, short_run):
+    records = resumed_metrics(tmp_path, short_run)
+    assert [r["learning_rate"] for r in records] == pytest.approx([5e-4 * 2 / 6, 5e-4 * 1 / 6])
+    assert [(r["epochs"], r["clip_range"]) for r in records] == [(3, 0.15), (3, 0.15)]
 
 
 def test_sigkill_while_writing_checkpoints_leaves_a_loadable_checkpoint(script_dir):
