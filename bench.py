@@ -195,14 +195,14 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
 
 def random_policy(c: "ppo.Configs", episodes: int):
     """The mean whole-game score of uniformly random actions, with the training protocol."""
+    import evaluate
+
     rng = np.random.default_rng(c.seed)
     scores, lengths = [], []
     for i in range(episodes):
         game = ppo.Game(int(rng.integers(2**31)), c.game, clip_rewards=False)
-        game.reset()
-        info = None
-        while info is None:
-            _, _, _, info = game.step(int(rng.integers(len(game.actions))))
+        n_actions = len(game.actions)
+        info = evaluate.play_game(game, lambda obs: int(rng.integers(n_actions)))
         scores.append(info["reward"])
         lengths.append(info["length"])
     print(

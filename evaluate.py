@@ -3,16 +3,22 @@ Play whole games with a checkpoint's policy and print the score statistics; writ
 as an MP4 video.
 
     python ppo_breakout.py evaluate logs/ppo_breakout/<run> [--episodes 30] [--video game.mp4] [--greedy]
+    python ppo_breakout.py evaluate logs/ppo_breakout/<run> --sticky-actions 0.25   # Machado et al. 2018
 
-The games follow the training protocol (all lives, unclipped score, up to 30 no-op starts); game
-i is seeded by SeedSequence([seed, i]). Nothing is written to the run folder.
+The games follow the training protocol (all lives, unclipped score, 1 to 30 no-op frames at the
+start), with sticky actions when asked. Game i (from 0) is seeded by the i-th word of
+`SeedSequence([seed, 0]).generate_state(episodes)`; a word does not depend on how many are drawn,
+so a longer evaluation starts with the games of a shorter one. The actions are sampled from one
+generator, `torch.Generator().manual_seed(seed)`, through all the games in turn. Nothing is written
+to the run folder.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -22,6 +28,39 @@ import ppo_breakout as ppo
 from run_files import CheckpointError, RunFileError, load_checkpoint, os_reason
 
 VIDEO_FPS = 60  # the Atari's frame rate: the video plays at the game's own speed
+# Machado et al. 2018 (arXiv:1709.06009): each frame, the emulator repeats the previous
+# action instead of the new one with this probability; gymnasium's v5 Atari environments use it
+MACHADO_STICKY_ACTIONS = 0.25
+# the interquartile mean with a percentile bootstrap interval: what Agarwal et al. 2021
+# (arXiv:2108.13264) and their rliable library report, robust to a few outlying games
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 9999  # scipy's default
+
+
+def play_game(
+    game: "ppo.Game", choose_action: Callable[[np.ndarray], int], on_frame: Optional[Callable] = None
+) -> dict:
+    """Play one whole game from its start, `choose_action(obs)` picking each action from the frame
+    stack, and return its info: {"reward": the score, "length": agent steps}. `on_frame`, when
+    given, is called with every emulator frame of the game in colour, no-op start included."""
+    over = False
+
+    def this_game_only(frame):
+        # the step that ends a game starts the next one before it returns: its no-ops and FIRE
+        # are not this game's
+        nonlocal over
+        if not over:
+            on_frame(frame)
+            over = game.ale.game_over()
+
+    game.on_frame = this_game_only if on_frame is not None else None
+    try:
+        obs, info = game.reset(), None
+        while info is None:
+            obs, _, _, info = game.step(choose_action(obs))
+    finally:
+        game.on_frame = None
+    return info
 
 
 def evaluate(
@@ -31,6 +70,7 @@ def evaluate(
     greedy: bool = False,
     seed: int = 10_000,
     device: str = "auto",
+    sticky_actions: float = 0.0,
 ) -> Dict[str, list]:
     """Play `episodes` games; Ctrl-C ends it early: the games finished by then are returned, with
     `stopped` True."""
@@ -41,23 +81,21 @@ def evaluate(
     model = model.to(ppo.parse_device(device)).eval()
     seeds = [int(s) for s in np.random.SeedSequence([seed, 0]).generate_state(episodes)]
     generator = torch.Generator().manual_seed(seed)
+
+    def choose_action(obs: np.ndarray) -> int:
+        with torch.no_grad():
+            pi, _ = model(torch.from_numpy(obs).unsqueeze(0).to(model.conv1.weight.device))
+        probs = pi.probs.cpu()
+        return int(probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator))
+
     scores, lengths, stopped, written = [], [], False, None
     try:
         for i, game_seed in enumerate(seeds):
-            game = ppo.Game(game_seed, game_name, clip_rewards=False)
-            if i == 0 and video is not None:
-                frames = []
-                game.on_frame = frames.append
-            obs, info = game.reset(), None
-            while info is None:
-                with torch.no_grad():
-                    pi, _ = model(torch.from_numpy(obs).unsqueeze(0).to(model.conv1.weight.device))
-                probs = pi.probs.cpu()
-                action = probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator)
-                obs, _, _, info = game.step(int(action))
-            if i == 0 and video is not None:
-                write_video(video, frames)
-                written, game.on_frame = str(video), None
+            game = ppo.Game(game_seed, game_name, clip_rewards=False, sticky_actions=sticky_actions)
+            filmed = i == 0 and video is not None
+            with video_file(video) if filmed else contextlib.nullcontext() as on_frame:
+                info = play_game(game, choose_action, on_frame)
+            written = str(video) if filmed else written
             scores.append(info["reward"])
             lengths.append(info["length"])
             print(
@@ -77,33 +115,99 @@ def evaluate(
     }
 
 
-def write_video(path: Path, frames: List[np.ndarray]):
-    """Write the MP4 beside `path` and rename it there, so a stopped write leaves no broken file."""
+@contextlib.contextmanager
+def video_file(path: Path) -> Iterator[Callable[[np.ndarray], None]]:
+    """`with video_file(path) as add: ...`: each frame given to `add` goes to ffmpeg at once, so
+    memory stays the same however long the game. The MP4 is written beside `path` and renamed
+    there on leaving the block, only if it holds every frame: a stopped or failed write leaves no
+    file. Raises RunFileError when it does not."""
     import imageio.v2 as imageio
     import imageio_ffmpeg
 
     partial = path.with_name(f".{path.stem}.partial.mp4")
+    added, ffmpeg_gone = 0, False
     try:
         # macro_block_size=1 keeps the game's own 160x210 instead of padding it to a multiple of 16
         with imageio.get_writer(
             partial, fps=VIDEO_FPS, codec="libx264", macro_block_size=1, ffmpeg_log_level="error"
         ) as writer:
-            for frame in frames:
-                writer.append_data(frame)
+
+            def add(frame: np.ndarray):
+                nonlocal added, ffmpeg_gone
+                added += 1
+                if not ffmpeg_gone:
+                    try:
+                        writer.append_data(frame)
+                    except OSError:
+                        # ffmpeg has exited (a full disk): the game plays on, and the count below
+                        # reports the cut video
+                        ffmpeg_gone = True
+
+            yield add
         # imageio does not look at ffmpeg's exit status: a full disk would leave a cut video
         # behind a success, so count what the file holds
         try:
             written = imageio_ffmpeg.count_frames_and_secs(str(partial))[0]
         except RuntimeError:
             written = 0
-        if written != len(frames):
-            cut = f"ffmpeg wrote {written} of {len(frames)} frames (is the disk full?)"
+        if written != added:
+            cut = f"ffmpeg wrote {written} of {added} frames (is the disk full?)"
             raise RunFileError(f"cannot write {path}: {cut}")
         os.replace(partial, path)
     except OSError as e:
         raise RunFileError(f"cannot write {path}: {os_reason(e)}") from e
     finally:
         partial.unlink(missing_ok=True)
+
+
+def score_statistics(scores, seed: int) -> Dict[str, float]:
+    """Mean, standard deviation (of the games, ddof 0), min, max, and the interquartile mean (the
+    mean of the middle half) with its percentile bootstrap interval, which the bootstrap's own
+    generator, seeded with `seed`, makes repeatable. From one game there is no interval: `iqm_low`
+    and `iqm_high` are None."""
+    import scipy.stats
+
+    scores = np.asarray(scores, dtype=float)
+    statistics = dict(
+        mean=scores.mean(),
+        std=scores.std(),
+        min=scores.min(),
+        max=scores.max(),
+        iqm=scipy.stats.trim_mean(scores, 0.25),
+        iqm_low=None,
+        iqm_high=None,
+    )
+    if len(scores) > 1:  # scipy's bootstrap needs two
+        interval = scipy.stats.bootstrap(
+            (scores,),
+            lambda sample, axis: scipy.stats.trim_mean(sample, 0.25, axis=axis),
+            n_resamples=BOOTSTRAP_RESAMPLES,
+            confidence_level=CONFIDENCE,
+            method="percentile",
+            random_state=np.random.default_rng(seed),  # `rng` from scipy 1.15 on; this name from 1.10
+        ).confidence_interval
+        statistics.update(iqm_low=interval.low, iqm_high=interval.high)
+    return statistics
+
+
+def protocol(sticky_actions: float) -> str:
+    sticky = (
+        f"sticky actions {sticky_actions:g} (repeat_action_probability, Machado et al. 2018)"
+        if sticky_actions
+        else "no sticky actions (as in training)"
+    )
+    return (
+        f"all lives, unclipped score, 1 to {ppo.NOOP_MAX} no-op frames at the start, "
+        f"at most {ppo.MAX_FRAMES:,} frames, {sticky}"
+    )
+
+
+def probability_problem(text: str) -> Optional[str]:
+    try:
+        p = float(text)
+    except ValueError:
+        return f"must be a number from 0 to 1, got {text!r}"
+    return None if 0 <= p <= 1 else f"must be from 0 to 1, got {text}"  # a NaN fails too
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -116,7 +220,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--episodes", type=int, default=30, help="whole games to play")
     parser.add_argument("--video", type=Path, default=None, help="write the first game to this MP4 file")
     parser.add_argument("--greedy", action="store_true", help="take the most probable action instead of sampling")
-    parser.add_argument("--seed", type=int, default=10_000, help="seeds the games and the action sampling")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=10_000,
+        help="game i (from 0) is seeded by SeedSequence([SEED, 0]).generate_state(EPISODES)[i]; the action "
+        "sampling, across the games, by torch.Generator().manual_seed(SEED); the bootstrap by SEED too",
+    )
+    parser.add_argument(
+        "--sticky-actions",
+        metavar="P",
+        default="0",  # a string, read in main(), so that a bad value is one line like the others
+        help="each frame, repeat the previous action instead of the new one with probability P "
+        f"(ale-py's repeat_action_probability); {MACHADO_STICKY_ACTIONS} is Machado et al. 2018's protocol "
+        "and gymnasium's v5 environments', 0 the training's",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     if args.episodes <= 0:
@@ -124,6 +242,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     problem = cli.seed_problem(args.seed)
     if problem:
         return cli.fail(parser.prog, f"argument --seed: {problem}")
+    problem = probability_problem(args.sticky_actions)
+    if problem:
+        return cli.fail(parser.prog, f"argument --sticky-actions: {problem}")
+    sticky_actions = float(args.sticky_actions)
     if args.video is not None and args.video.suffix.lower() != ".mp4":
         return cli.fail(parser.prog, f"argument --video: {args.video} must end in .mp4")
     if args.video is not None and not args.video.resolve().parent.is_dir():
@@ -132,20 +254,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     if problem:
         return cli.fail(parser.prog, f"argument --device: {problem}")
     try:
-        result = evaluate(args.checkpoint, args.episodes, args.video, args.greedy, args.seed, args.device)
+        result = evaluate(
+            args.checkpoint, args.episodes, args.video, args.greedy, args.seed, args.device, sticky_actions
+        )
     except CheckpointError as e:
         return cli.fail(parser.prog, str(e))
     except RunFileError as e:  # the video could not be written
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
-    scores, lengths = np.array(result["scores"]), np.array(result["lengths"])
+    scores, lengths = result["scores"], np.array(result["lengths"])
     print(f"checkpoint: {result['checkpoint']}")
     print(f"policy:     {'greedy' if args.greedy else 'sampled'}, seed {args.seed}")
-    if len(scores):
+    print(f"protocol:   {protocol(sticky_actions)}")
+    if scores:
+        s = score_statistics(scores, args.seed)
         print(
-            f"score:      mean {scores.mean():.2f}  std {scores.std():.2f}  min {scores.min():.1f}  "
-            f"max {scores.max():.1f}  over {len(scores)} games"
+            f"score:      mean {s['mean']:.2f}  std {s['std']:.2f}  min {s['min']:.1f}  "
+            f"max {s['max']:.1f}  over {len(scores)} games"
         )
+        interval = (
+            f"{CONFIDENCE:.0%} CI [{s['iqm_low']:.2f}, {s['iqm_high']:.2f}] "
+            f"(percentile bootstrap, {BOOTSTRAP_RESAMPLES} resamples)"
+            if s["iqm_low"] is not None
+            else "(no confidence interval from one game)"
+        )
+        print(f"IQM:        {s['iqm']:.2f}  {interval}")
         print(f"length:     mean {lengths.mean():.1f}  min {lengths.min()}  max {lengths.max()} agent steps")
     if result["video"]:
         print(f"video:      {result['video']} (game 1, {VIDEO_FPS} fps)")

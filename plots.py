@@ -101,14 +101,24 @@ def refresh_curve(run: Path):
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ppo_breakout.py plot",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # no ArgumentDefaultsHelpFormatter: every default here is None, "not given", which the
+        # help says in words where it means something (--output's curve.png)
         description="Draw the learning curve and training statistics of one or more runs.",
     )
     parser.add_argument("folders", nargs="+", type=Path, metavar="RUN_FOLDER", help="run folders to compare")
     parser.add_argument(
-        "-o", "--output", type=Path, default=None, help="PNG file to write (default: curve.png in the first run folder)"
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="image to write, .png, .pdf, .svg... (default: curve.png in the first run folder)",
     )
-    parser.add_argument("--baseline", type=float, default=None, help="draw a random policy's mean score")
+    parser.add_argument(
+        "--baseline",
+        type=float,
+        default=None,
+        help="draw a line at a random policy's mean score (bench.py --random-policy prints it)",
+    )
     parser.add_argument(
         "--label", action="append", default=None, help="legend name of a run, once per RUN_FOLDER in order"
     )

@@ -1,14 +1,26 @@
 """`python ppo_breakout.py evaluate` (evaluate.py) and `plot` (plots.py), on the shared short run."""
 
 import re
+import sys
 
 import imageio.v3 as iio
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import ROOT, ctrl_c, files_of_at_most, read_until, run_main, run_python, start_in_own_session
+import scipy.stats
+from conftest import (
+    ROOT,
+    ctrl_c,
+    files_of_at_most,
+    read_until,
+    run_main,
+    run_python,
+    start_in_own_session,
+    wait_for,
+)
 
 import ppo_breakout
+from evaluate import play_game
 from plots import PLOT_DPI, PLOT_SIZE, plot_runs
 
 
@@ -47,6 +59,130 @@ def test_evaluate_is_repeatable_with_its_seed(short_run, evaluated):
     assert again.stdout.splitlines()[0] == first_game.replace("/2 ", "/1 ")
 
 
+def game_lines(out: str) -> list:
+    """(seed, score, length) of each `game i/n` line that evaluate printed."""
+    pattern = r"game +\d+/\d+  seed +(\d+)  score +(-?[\d.]+)  length +(\d+)"
+    return [(int(m[1]), float(m[2]), int(m[3])) for m in re.finditer(pattern, out)]
+
+
+def test_game_i_is_seeded_as_the_help_says(short_run, evaluated, capsys):
+    seeds = [seed for seed, _, _ in game_lines(evaluated[0].stdout)]
+    # the i-th word of SeedSequence([seed, 0]).generate_state(episodes), which published results
+    # used; not SeedSequence([seed, i]), as the docstring and README once said
+    assert seeds == [int(s) for s in np.random.SeedSequence([7, 0]).generate_state(2)]
+    assert seeds[1] != int(np.random.SeedSequence([7, 1]).generate_state(1)[0])
+    assert run_main(ppo_breakout.main, "evaluate", "--help") == 0
+    assert "SeedSequence([SEED, 0]).generate_state(EPISODES)[i]" in " ".join(capsys.readouterr().out.split())
+
+
+# runs the command given, then prints the peak resident memory (KiB) of the largest of its processes
+PEAK_MEMORY = """
+import resource, subprocess, sys
+done = subprocess.run(sys.argv[1:])
+print("peak", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(done.returncode)
+"""
+
+
+def peak_memory_mb(*args) -> tuple:
+    """(peak resident memory of `python ppo_breakout.py args...` in MiB, its stdout); ffmpeg,
+    its child, counts alone, and holds less."""
+    result = run_python(ROOT, "-c", PEAK_MEMORY, sys.executable, str(ROOT / "ppo_breakout.py"), *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(re.search(r"^peak (\d+)$", result.stdout, re.M)[1]) / 2**10, result.stdout
+
+
+def test_a_video_is_written_as_it_is_played_so_memory_does_not_grow_with_the_game(short_run, tmp_path):
+    game = ["evaluate", str(short_run), "--episodes", "1", "--seed", "7"]
+    without, out = peak_memory_mb(*game)
+    with_video, _ = peak_memory_mb(*game, "--video", str(tmp_path / "game.mp4"))
+    ((_, _, length),) = game_lines(out)
+    # what keeping the game's frames would hold: 4 emulator frames of 210x160x3 bytes a step; a
+    # Breakout game is at least ~117 steps (five balls missed), about 45 MiB, 4 times the bound
+    held_mb = 4 * length * 210 * 160 * 3 / 2**20
+    assert held_mb > 4 * 10
+    assert (
+        with_video - without < 10
+    ), f"{with_video - without:.1f} MiB more with the video ({held_mb:.0f} MiB of frames)"
+    assert iio.imread(tmp_path / "game.mp4").shape[0] > 4 * length  # the whole game is in it
+
+
+def test_a_game_s_frames_are_its_own_not_the_next_game_s_start():
+    game, rng = ppo_breakout.Game(3, clip_rewards=False), np.random.default_rng(0)
+    frames = []
+    play_game(game, lambda obs: int(rng.integers(len(game.actions))), frames.append)
+    # Game.step starts the next game before it returns the ended one's info: of the frames the
+    # emulator has played, the last getEpisodeFrameNumber() are the next game's no-ops and FIRE
+    next_game_start = game.ale.getEpisodeFrameNumber()
+    assert next_game_start > 0
+    assert len(frames) == game.ale.getFrameNumber() - next_game_start
+
+
+def test_ctrl_c_during_the_filmed_game_leaves_no_video_and_exits_130(short_run, tmp_path):
+    video = tmp_path / "game.mp4"
+    # with sticky actions 1 every action is the one before, NOOP from the reset on: the ball is
+    # never launched and the game lasts its 108,000 frames, so the Ctrl-C lands inside it
+    args = ["evaluate", str(short_run), "--episodes", "3", "--video", str(video), "--sticky-actions", "1"]
+    process = start_in_own_session(tmp_path, str(ROOT / "ppo_breakout.py"), *args)
+    partial = tmp_path / ".game.partial.mp4"
+    stdout, stderr = ctrl_c(process, lambda: wait_for(partial.exists, 120, "ffmpeg to start writing the video"))
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip() == (
+        "ppo_breakout.py evaluate: stopped by Ctrl-C after 0 of 3 games; no video was written"
+    ), stderr[-2000:]
+    assert "video:" not in stdout
+    assert list(tmp_path.iterdir()) == []  # neither the video nor its partial file
+    # and ffmpeg has exited: the no_process_left fixture fails the test otherwise
+
+
+@pytest.fixture(scope="module")
+def five_games(short_run):
+    """`evaluate` of the short run, 5 games with seed 7, without sticky actions and with 0.25."""
+    runs = {
+        p: run("evaluate", str(short_run), "--episodes", "5", "--seed", "7", "--sticky-actions", p)
+        for p in "0 0.25".split()
+    }
+    for result in runs.values():
+        assert result.returncode == 0, result.stderr[-2000:]
+    return {p: result.stdout for p, result in runs.items()}
+
+
+def test_sticky_actions_reach_the_emulator_and_the_summary_names_them(five_games):
+    plain, sticky = (game_lines(five_games[p]) for p in ("0", "0.25"))
+    assert [seed for seed, _, _ in plain] == [seed for seed, _, _ in sticky]
+    # the same games and the same action stream, yet different play: the emulator repeats actions
+    # (a game whose paddle never meets the ball lasts as long either way, so all 5 are compared)
+    assert [g[1:] for g in plain] != [g[1:] for g in sticky]
+    assert "no sticky actions (as in training)" in five_games["0"]
+    assert "sticky actions 0.25 (repeat_action_probability, Machado et al. 2018)" in five_games["0.25"]
+
+
+def test_the_interquartile_mean_and_its_interval_are_scipy_s_on_the_printed_scores(five_games):
+    out = five_games["0.25"]
+    scores = np.array([score for _, score, _ in game_lines(out)])
+    iqm, low, high = map(float, re.search(r"IQM: +(\S+)  95% CI \[(\S+), (\S+)\]", out).groups())
+    # 5 games: trim_mean(0.25) cuts int(1.25) = 1 game from each end, the mean of the middle 3
+    assert iqm == round(np.sort(scores)[1:-1].mean(), 2) == round(scipy.stats.trim_mean(scores, 0.25), 2)
+    interval = scipy.stats.bootstrap(
+        (scores,),
+        lambda x, axis: scipy.stats.trim_mean(x, 0.25, axis=axis),
+        confidence_level=0.95,
+        method="percentile",
+        random_state=np.random.default_rng(7),  # the evaluation's seed
+    ).confidence_interval
+    assert (low, high) == (round(interval.low, 2), round(interval.high, 2))
+    assert low <= iqm <= high and low < high
+    mean = re.search(r"score: +mean (\S+)  std (\S+)", out)
+    assert (float(mean[1]), float(mean[2])) == (round(scores.mean(), 2), round(scores.std(), 2))
+
+
+def test_one_game_has_an_interquartile_mean_but_says_it_has_no_interval(short_run, capsys):
+    assert run_main(ppo_breakout.main, "evaluate", str(short_run), "--episodes", "1", "--seed", "7") == 0
+    out = capsys.readouterr().out
+    ((_, score, _),) = game_lines(out)
+    assert f"IQM:        {score:.2f}  (no confidence interval from one game)" in out.splitlines()
+
+
 def test_ctrl_c_during_evaluate_prints_the_games_played_so_far_and_exits_130(short_run, tmp_path):
     video = tmp_path / "game.mp4"
     args = ["evaluate", str(short_run), "--episodes", "1000", "--video", str(video)]
@@ -77,6 +213,10 @@ BAD_PATHS = [
     (["plot", "{run}", "{run}", "--label", "only one"], "1 labels for 2 run folders"),
     (["plot", "{run}", "--max-steps", "0"], "--max-steps"),
     (["evaluate", "{run}", "--seed", str(2**64)], "--seed: must be less than 2**64"),
+    (["evaluate", "{run}", "--sticky-actions", "1.5"], "--sticky-actions: must be from 0 to 1, got 1.5"),
+    (["evaluate", "{run}", "--sticky-actions", "-0.1"], "--sticky-actions: must be from 0 to 1, got -0.1"),
+    (["evaluate", "{run}", "--sticky-actions", "nan"], "--sticky-actions: must be from 0 to 1, got nan"),
+    (["evaluate", "{run}", "--sticky-actions", "a lot"], "--sticky-actions: must be a number from 0 to 1, got 'a lot'"),
     (["plot", "{run}", "-o", "curve.txt"], "--output: curve.txt must end in .png, .pdf, .svg"),
     # without a suffix matplotlib would have written curve.png while we said "wrote curve"
     (["plot", "{run}", "-o", "curve"], "--output: curve must end in"),
@@ -117,6 +257,16 @@ def test_a_video_or_plot_that_cannot_be_written_is_an_error_not_a_cut_file(short
     ), evaluate.stderr
     assert plot.stderr.strip() == f"ppo_breakout.py plot: error: cannot write {curve}: File too large"
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "no cut or partial file is left behind"
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "plot"])
+def test_help_states_each_default_once(tool, capsys):
+    assert run_main(ppo_breakout.main, tool, "--help") == 0
+    # an option's entry runs from its flag at the line's start to the next one
+    entries = re.split(r"\n  (?=-)", capsys.readouterr().out.split("options:")[1])
+    for entry in entries:
+        # plot's --output said "(default: curve.png in the first run folder) (default: None)"
+        assert entry.count("default") <= 1, entry
 
 
 def test_plot_writes_a_png_of_the_right_size(short_run, tmp_path, capsys):
