@@ -24,10 +24,18 @@ def flag_of(name: str) -> str:
     return "--" + name.rstrip("_").replace("_", "-")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag said in one line, the problem and where to look, instead of the
+    usage block before it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser(add_help: bool = True, defaults: bool = True) -> argparse.ArgumentParser:
     """The training flags, one per `Configs` field; with `defaults=False`, only the flags given
     appear in the result."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ppo_breakout.py",
         description="PPO on an Atari game (default Breakout), reported to labml. "
         "Subcommands: 'evaluate CHECKPOINT', 'plot RUN_FOLDER' and 'dashboard' (each with --help).",

@@ -124,6 +124,12 @@ class Ranks:
         dist.all_gather_object(gathered, games)
         return [game for rank_games in gathered for game in rank_games]
 
+    def gather(self, value) -> list:
+        """Every rank's `value`, in rank order (rank 0 writes them into a checkpoint)."""
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def from_rank_0(self, value):
         box = [value]
         dist.broadcast_object_list(box, src=0)

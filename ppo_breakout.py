@@ -140,9 +140,10 @@ def batches_problem(c: Configs) -> Optional[str]:
 # ## Game
 #
 # One Atari game, seen the way published Breakout results see it ("NoFrameskip-v4" with the DQN
-# preprocessing): no sticky actions, a 108,000-frame cap, each action repeated 4 frames with the
-# max of the last two (Atari sprites flicker), grey 84x84, the last 4 frames stacked, up to 30
-# no-ops at the start of a game, and FIRE to launch the ball where the game needs it.
+# preprocessing): no sticky actions, each action repeated 4 frames with the max of the last two
+# (Atari sprites flicker), grey 84x84, the last 4 frames stacked, up to 30 no-ops at the start of a
+# game, and FIRE to launch the ball where the game needs it. Games are capped at 108,000 frames,
+# today's ale-py's cap (old gym's NoFrameskip-v4 allowed 400,000: a game of more than 30 minutes).
 #
 # labml's `game.py` reset the whole game at every lost life, so its reported "reward" was a
 # one-life score. Here a lost life only ends the *training* episode (`done`, which cuts GAE); the
@@ -151,7 +152,7 @@ def batches_problem(c: Configs) -> Optional[str]:
 
 FRAME_SKIP = 4  # frames per agent step (Mnih et al. 2015)
 NOOP_MAX = 30  # at most this many no-op frames at the start of a game, for varied starts
-MAX_FRAMES = 108_000  # 30 minutes of play at 60 frames/s: the standard cap
+MAX_FRAMES = 108_000  # 30 minutes of play at 60 frames/s, the cap of today's ale-py environments
 FRAME_SIZE = 84
 FRAME_STACK = 4  # the model sees the last 4 frames, to perceive motion
 OBS_SHAPE = (FRAME_STACK, FRAME_SIZE, FRAME_SIZE)
@@ -261,6 +262,30 @@ class Game:
         self.score, self.length, self.lives = 0.0, 0, self.ale.lives()
         return self.obs_4
 
+    def get_state(self) -> dict:
+        """The game as it stands, in numpy arrays and plain numbers (no pickled objects): the
+        emulator with its random generator (ale-py's cloneState, ~15 KB for Breakout), the no-op
+        generator, the frame stack and last two screens, the score, length and lives so far."""
+        emulator = self.ale.cloneState(include_rng=True)
+        return {
+            "emulator": np.frombuffer(emulator.serialize(), dtype=np.uint8).copy(),
+            "noop_rng": self.rng.bit_generator.state,
+            "obs_4": self.obs_4.copy(),
+            "screens": self.screens.copy(),
+            "score": self.score,
+            "length": self.length,
+            "lives": self.lives,
+        }
+
+    def set_state(self, state: dict):
+        """Go on from `get_state()`'s game: the same frames, rewards and ends follow."""
+        import ale_py
+
+        self.ale.restoreState(ale_py.ALEState(np.asarray(state["emulator"], dtype=np.uint8).tobytes()))
+        self.rng.bit_generator.state = state["noop_rng"]
+        self.obs_4[:], self.screens[:] = state["obs_4"], state["screens"]
+        self.score, self.length, self.lives = float(state["score"]), int(state["length"]), int(state["lives"])
+
 
 # ## Worker processes
 #
@@ -331,6 +356,11 @@ def worker_process(remote, go, ready, slots: Slots, obs_buffer, parent_pid: int,
                 cmd, data = remote.recv()
                 if cmd == "reset":
                     obs[:] = env.reset()
+                elif cmd == "get_state":
+                    remote.send(("state", env.get_state()))
+                elif cmd == "set_state":
+                    env.set_state(data)
+                    obs[:] = env.obs_4
                 elif cmd == "close":
                     return
                 else:
@@ -351,8 +381,10 @@ def worker_process(remote, go, ready, slots: Slots, obs_buffer, parent_pid: int,
 class Worker:
     """A Game in a process of its own. `send(cmd, data)` and `receive()` are split so a trainer can
     step all workers at once: `send("step", action)`, then `receive() -> (reward, done, info)` with
-    the new frame stack in `obs`; `send("reset")`, then `receive() -> None`. `receive()` raises
-    `WorkerError` naming the worker when it raised, and within LIVENESS_CHECK_S when it died."""
+    the new frame stack in `obs`; `send("reset")`, then `receive() -> None`; `send("get_state")`,
+    then `receive() -> Game.get_state()`; `send("set_state", state)`, then `receive() -> None` with
+    the game's frame stack in `obs`. `receive()` raises `WorkerError` naming the worker when it
+    raised, and within LIVENESS_CHECK_S when it died."""
 
     def __init__(self, seed: int, game: str = "breakout", clip_rewards: bool = True, index: int = 0):
         # fork starts the workers in milliseconds, and is safe: they never touch torch
@@ -368,8 +400,10 @@ class Worker:
         self.process.start()
         parent.close()
         self.closing = False
+        self.sent: Optional[str] = None  # the last command sent
 
     def send(self, cmd: str, data=None):
+        self.sent = cmd
         if cmd == "step":
             self.slots.action = data
             self.slots.command = Command.STEP
@@ -388,7 +422,7 @@ class Worker:
         if self.slots.failed:
             self._raise_dead()
         if self.slots.command != Command.STEP:
-            return None
+            return self.child.recv()[1] if self.sent == "get_state" else None
         info = None
         if self.slots.game_over:
             info = {"reward": self.slots.score, "length": self.slots.length}
@@ -623,8 +657,26 @@ class OneProcess:
     def largest(self, value: int) -> int:
         return value
 
+    def gather(self, value) -> list:
+        """Every rank's `value`, in rank order."""
+        return [value]
+
     def hold_dynamic(self, trainer: "Trainer"):
         pass
+
+
+def cuda_rng_state(device: torch.device) -> torch.Tensor:
+    """The random state of `device`'s own CUDA generator, or an empty tensor on the CPU: only the
+    trainer's own, so a checkpoint written where 8 GPUs are visible resumes where there is one."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)
+
+
+def set_cuda_rng_state(state, device: torch.device):
+    """Restore `cuda_rng_state()` on `device`; nothing on the CPU or from a CPU checkpoint."""
+    if isinstance(state, list):  # checkpoints before: every visible GPU's; the trainer's was the first
+        state = state[0] if state else torch.zeros(0, dtype=torch.uint8)
+    if device.type == "cuda" and state.numel():
+        torch.cuda.set_rng_state(state, device)
 
 
 # the statistics of each minibatch, in the order `_calc_loss` returns them
@@ -712,12 +764,14 @@ class Trainer:
         self.values = torch.zeros((n, t + 1), dtype=torch.float32, device=self.device)
 
         self.stop_requested = False  # a signal number: stop after the current update
+        # (update, every rank's `rank_state()`) taken at the latest checkpoint update, for state_dict
+        self.ranks_state: Optional[Tuple[int, List[dict]]] = None
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
 
         # worker seeds come from one SeedSequence, so runs with nearby seeds share no game; a
-        # resumed run starts new games (the emulators' states are not saved), seeded by its update.
-        # Under torchrun the job's seeds are split among the ranks.
+        # resumed run goes on with the checkpoint's games, or, where it has none that fit, starts
+        # new games seeded by its update. Under torchrun the job's seeds are split among the ranks.
         entropy = c.seed if self.update == 0 else [c.seed, self.update]
         rank, world = self.partner.rank, self.partner.world_size
         seeds = np.random.SeedSequence(entropy).generate_state(self.n_workers * world)[rank * self.n_workers :]
@@ -730,9 +784,34 @@ class Trainer:
             for i, worker in enumerate(self.workers):
                 worker.receive()
                 self.obs[i] = worker.obs
+            self.resumed_games = checkpoint is not None and self._resume_games(checkpoint)
         except BaseException:
             self.destroy()
             raise
+
+    def _resume_games(self, checkpoint: dict) -> bool:
+        """Go on with the checkpoint's games in progress and this rank's random state; where it
+        has none that fit this run, say why in one line and keep the new games. True if resumed."""
+        ranks, world = checkpoint.get("ranks"), self.partner.world_size
+        if ranks is None:
+            why = "it holds none (it was written before games were saved)"
+        elif len(ranks) != world or any(len(r["games"]) != self.n_workers for r in ranks):
+            saved = f"{len(ranks)} rank(s) x {len(ranks[0]['games'])} workers"
+            why = f"its games are {saved}, this run's {world} x {self.n_workers}"
+        else:
+            why = None
+        if why is not None:
+            print(f"Starting new games, not the checkpoint's: {why}")
+            return False
+        mine = ranks[self.partner.rank]
+        for worker, game in zip(self.workers, mine["games"]):
+            worker.send("set_state", {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in game.items()})
+        for i, worker in enumerate(self.workers):
+            worker.receive()
+            self.obs[i] = worker.obs
+        torch.set_rng_state(mine["torch_rng"])
+        set_cuda_rng_state(mine["cuda_rng"], self.device)
+        return True
 
     def _autocast(self):
         # a CUDA graph must cast the weights on every replay: no cached casts
@@ -875,6 +954,8 @@ class Trainer:
                 stats["length"] = float(np.mean(self.episode_lengths))
             tracker.set_global_step(self.env_steps)
             tracker.save(stats)
+            if self.checkpoint_due():  # under torchrun, rank 0 gathers every rank's part of it
+                self.ranks_state = (self.update, self.partner.gather(self.rank_state()))
             if after_update is not None:
                 after_update(stats)
             if self.update % 1_000 == 0:
@@ -882,9 +963,33 @@ class Trainer:
             if self.stop_requested:
                 break
 
+    def checkpoint_due(self) -> bool:
+        """A checkpoint is written every `checkpoint_every` updates, at the last, and at a stop."""
+        every = self.run_settings.checkpoint_every
+        return self.update % every == 0 or self.update == self.updates or bool(self.stop_requested)
+
+    def rank_state(self) -> dict:
+        """This process's part of a checkpoint: its games in progress (`Game.get_state()`, arrays as
+        tensors), its latest observations and its random state."""
+        for worker in self.workers:
+            worker.send("get_state")
+        games = [worker.receive() for worker in self.workers]
+        as_tensors = [{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in g.items()} for g in games]
+        return {
+            "games": as_tensors,
+            "obs": torch.from_numpy(self.obs.copy()),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": cuda_rng_state(self.device),
+        }
+
     def state_dict(self) -> dict:
-        """Everything needed to go on exactly, the dynamic hyperparameters' current values included;
-        plain types and tensors only, so `torch.load(weights_only=True)` reads it without running code."""
+        """Everything needed to go on exactly: the weights, Adam's state, the counters, the dynamic
+        hyperparameters' current values, every rank's games in progress and random state. Plain
+        types and tensors only, so `torch.load(weights_only=True)` reads it without running code."""
+        if self.ranks_state is not None and self.ranks_state[0] == self.update:
+            ranks = self.ranks_state[1]  # gathered in the loop, from every rank
+        else:
+            ranks = [self.rank_state()]  # called outside the loop: this process's alone
         configs = dataclasses.asdict(self.configs)
         configs.update({name: getattr(self, name)._value for name in DYNAMIC})
         optimizer = self.optimizer.state_dict()
@@ -901,8 +1006,9 @@ class Trainer:
             "optimizer_steps": self.optimizer_steps,
             "episode_rewards": list(self.episode_rewards),
             "episode_lengths": list(self.episode_lengths),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "torch_rng": ranks[0]["torch_rng"],
+            "cuda_rng": ranks[0]["cuda_rng"],
+            "ranks": ranks,
         }
 
     def load_state_dict(self, state: dict):
@@ -914,8 +1020,7 @@ class Trainer:
         self.episode_rewards.extend(state["episode_rewards"])
         self.episode_lengths.extend(state["episode_lengths"])
         torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        set_cuda_rng_state(state["cuda_rng"], self.device)
 
     def __enter__(self):
         return self
@@ -962,7 +1067,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     import cli
 
     configs, run_settings, checkpoint, comment, dashboard_flag = cli.parse(argv)  # one line, exit 2 on bad input
-    return train(configs, run_settings, checkpoint, comment, dashboard_flag)
+    given = tuple(cli.given_flags(argv))
+    return train(configs, run_settings, checkpoint, comment, dashboard_flag, given=given)
 
 
 def train(
@@ -973,10 +1079,12 @@ def train(
     dashboard_flag: str = "off",
     partner=None,
     rank_seed: Optional[int] = None,
+    given: Tuple[str, ...] = (),
 ) -> int:
     """Train, reporting to labml; its exit status. Under torchrun (`partner`, the job's
     `distributed.Ranks`), rank 0 alone reports and keeps the run folder, and each rank draws its
-    actions from a stream seeded by `rank_seed`."""
+    actions from a stream seeded by `rank_seed`. `given`: the settings the command line gave, which
+    labml records as explicitly specified (the dashboard lists them apart from the defaults)."""
     import cli
     import dashboard
     import plots
@@ -989,7 +1097,7 @@ def train(
     if lead:
         writers = {"screen", "sqlite"} | ({"web_api"} if url else set())
         experiment.create(name="ppo_breakout", comment=comment, writers=writers)
-    run = run_files.RunFolder(run_settings, checkpoint is not None, partner.job) if lead else None
+    run = run_files.RunFolder(run_settings, checkpoint, partner.job) if lead else None
     trainer = None
 
     def after_update(stats: Dict[str, float]):
@@ -998,14 +1106,15 @@ def train(
 
     try:
         trainer = Trainer(configs, run_settings, checkpoint=checkpoint, partner=partner)
-        if rank_seed is not None:
+        if rank_seed is not None and not trainer.resumed_games:  # a resumed rank has its own random state
             torch.manual_seed(rank_seed)
         if lead:
             hyperparams = {k: getattr(trainer, k) for k in DYNAMIC}
-            settings = {**dataclasses.asdict(configs), **dataclasses.asdict(run_settings)}
-            experiment.configs({**settings, **hyperparams, "resumed_from": comment or ""})
-            if comment:
-                print(comment)
+            settings = {**dataclasses.asdict(configs), **dataclasses.asdict(run_settings), **hyperparams}
+            settings["resumed_from"] = comment or ""
+            # labml prints the comment, the run a resumed one continues, under the run's name; the
+            # settings given on the command line are recorded as specified, the rest as defaults
+            experiment.configs(settings, {name: settings[name] for name in given if name in settings})
         with (
             # torchrun passes its own second signal on to its ranks: theirs does not stop at once
             cli.stop_handlers(trainer, again_stops=not partner.torchrun),
@@ -1020,6 +1129,7 @@ def train(
         if trainer is not None:
             trainer.destroy()
     if trainer.stop_requested and lead:
+        print(flush=True)  # end labml's progress line, so this one stands on its own
         print(f"Stopped at update {trainer.update}; checkpoint and metrics are in {run.path}", file=sys.stderr)
     return 128 + trainer.stop_requested if trainer.stop_requested else 0
 

@@ -91,7 +91,8 @@ def find_checkpoint(path: Path) -> Path:
 
 def load_checkpoint(path, game: Optional[str] = None, data: Optional[bytes] = None) -> Tuple[Path, dict]:
     """Read a checkpoint (file or run folder); with `game`, check its policy fits that game. With
-    `data`, the bytes of the checkpoint file `path` (read on another machine) are read instead."""
+    `data`, the bytes of the checkpoint file `path` (read on another machine) are read instead.
+    The state returned holds the file's path too, under "path"."""
     path = find_checkpoint(Path(path)) if data is None else Path(path)
     try:
         state = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -107,6 +108,7 @@ def load_checkpoint(path, game: Optional[str] = None, data: Optional[bytes] = No
         raise CheckpointError(
             f"checkpoint {path} has a policy with {state['n_actions']} actions, but {game} has {n_actions}"
         )
+    state["path"] = str(path)
     return path, state
 
 
@@ -140,31 +142,51 @@ def resume(path, explicit: dict) -> Tuple[dict, str]:
 
 
 class RunFolder:
-    """The folder labml made for the current run."""
+    """The folder labml made for the current run. A run that goes on from a checkpoint (`checkpoint`,
+    as `load_checkpoint` read it) begins its metrics with those of the run it continues, up to the
+    checkpoint's update, so its metrics.jsonl and curve.png show the whole run from update 1."""
 
-    def __init__(self, run_settings: "ppo.RunSettings", resumed: bool, job: Optional[str] = None):
+    def __init__(self, run_settings: "ppo.RunSettings", checkpoint: Optional[dict] = None, job: Optional[str] = None):
         from labml.internal.experiment import experiment_singleton
 
         self.path = Path(experiment_singleton().run.run_path)
-        self.run_settings, self.resumed = run_settings, resumed
+        self.run_settings, self.resumed = run_settings, checkpoint is not None
         self.job = job  # a torchrun job's name: its restarts go on from this folder's checkpoints
+        self.updates_kept = 0  # by this run, not the history it continues
+        # the history is copied when the first update is kept: labml makes the folder at the start
+        self.continues = (Path(checkpoint["path"]), checkpoint["update"]) if checkpoint is not None else None
+
+    def continue_metrics(self, checkpoint: Path, update: int):
+        """Copy the lines up to `update` of the metrics of the run `checkpoint` belongs to (the
+        run folder above its checkpoints/ folder), or say in one line that there are none."""
+        folder = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+        source = folder / "metrics.jsonl"
+        if not source.exists():
+            print(f"No metrics.jsonl in {folder}: this run's metrics begin after update {update}")
+            return
+        with open(source) as lines, open(self.path / "metrics.jsonl", "w") as history:
+            for line in lines:
+                if line.strip() and json.loads(line)["update"] <= update:
+                    history.write(line if line.endswith("\n") else line + "\n")
 
     def keep(self, trainer: "ppo.Trainer", stats: Dict[str, float]) -> bool:
         """Write the update's metrics and, every `checkpoint_every` updates and at the end however
         the run ends, a checkpoint; True when it wrote one."""
+        if self.continues is not None and not self.updates_kept:
+            self.continue_metrics(*self.continues)
         write_metrics(self.path, trainer, stats)
+        self.updates_kept += 1
         if self.job is not None and not (self.path / JOB_FILE).exists():
             (self.path / JOB_FILE).write_text(self.job)
-        r = self.run_settings
-        if trainer.update % r.checkpoint_every == 0 or trainer.update == trainer.updates or trainer.stop_requested:
-            save_checkpoint(trainer, self.path, r.keep_checkpoints)
+        if trainer.checkpoint_due():
+            save_checkpoint(trainer, self.path, self.run_settings.keep_checkpoints)
             return True
         return False
 
     def left_behind(self) -> str:
         """What a run that stopped at once or failed has saved, said as it is."""
         kept = "; the checkpoint it resumed from stays" if self.resumed else ""
-        if not (self.path / "metrics.jsonl").exists():
+        if not self.updates_kept:
             return f"no update had finished, so nothing was saved{kept}"
         checkpoints = sorted((self.path / "checkpoints").glob("update_*.pt"))
         if not checkpoints:

@@ -120,8 +120,12 @@ def test_resume_from_the_cli_continues_the_update_count_in_a_run_that_names_the_
     (new_run,) = [r for r in folder.glob("logs/ppo_breakout/*") if r != short_run]
     assert (new_run / "checkpoints" / "update_0000005.pt").exists()
     assert f"continues run {short_run.name}" in (new_run / "run.yaml").read_text()
+    # the new run's metrics are the whole run's: the 4 updates it continues, then its own
     metrics = (new_run / "metrics.jsonl").read_text().splitlines()
-    assert len(metrics) == 1 and '"update": 5' in metrics[0]
+    assert metrics[:4] == (short_run / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 5 and '"update": 5' in metrics[4]
+    # its comment names the run it continues, once
+    assert result.stdout.count(f"continues run {short_run.name} from update 4") == 1, result.stdout
 
 
 def resumed_metrics(tmp_path, short_run, *flags) -> list:

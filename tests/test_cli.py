@@ -76,9 +76,16 @@ def test_bad_input_on_the_command_line_is_one_line_and_exit_2(script_dir):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    # every problem, one line each, after argparse's usage
-    assert lines[0] == "ppo_breakout.py: error: argument --updates: must be a positive integer, got 0"
-    assert lines[-1] == "ppo_breakout.py: error: argument --seed: must be 0 or more, got -1"
+    # every problem, one line each, without argparse's usage block; the last says where to look
+    assert lines == [
+        "ppo_breakout.py: error: argument --updates: must be a positive integer, got 0",
+        "ppo_breakout.py: error: argument --seed: must be 0 or more, got -1 (see --help)",
+    ]
+    result = run_python(script_dir, "ppo_breakout.py", "--updates", "many", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "ppo_breakout.py: error: argument --updates: invalid int value: 'many' (see --help)"
+    ]
     assert not (script_dir / "logs").exists()
 
 
@@ -139,6 +146,17 @@ def test_a_short_run_finishes_and_writes_its_metrics_and_checkpoints(short_cli_r
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["update_0000002.pt", "update_0000004.pt"]
 
 
+def test_the_run_records_the_settings_given_as_given_and_the_rest_as_defaults(short_cli_run):
+    # what the dashboard's configuration card reads: the short run gave --updates, the tiny
+    # configuration's flags, --checkpoint-every and --dashboard
+    import yaml
+
+    configs = yaml.safe_load((short_cli_run.run / "configs.yaml").read_text())
+    given = {name for name, entry in configs.items() if entry["is_explicitly_specified"]}
+    assert given == {"updates", "checkpoint_every", *TINY}, given
+    assert configs["n_workers"]["value"] == TINY["n_workers"] and not configs["gamma"]["is_explicitly_specified"]
+
+
 def test_a_worker_killed_during_a_run_ends_it_with_a_clear_error_and_no_orphans(script_dir):
     process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN)
     try:
@@ -180,6 +198,22 @@ def test_ctrl_c_and_sigterm_end_the_run_cleanly(script_dir, sig, code):
     assert_gone(workers)
     # the run ended with a checkpoint of its last update, and its metrics
     checkpointed_last_update(script_dir)
+
+
+def test_the_stop_line_stands_on_a_line_of_its_own_after_labmls_progress(script_dir):
+    # stderr into stdout, as in a terminal or a log of both: labml's progress line has no newline
+    process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN, preexec_fn=lambda: os.dup2(1, 2))
+    try:
+        wait_for_first_update(script_dir, process)
+        os.kill(process.pid, signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 143
+    (stop,) = [line for line in out.splitlines() if "Stopped at update" in line]
+    assert stop.startswith("Stopped at update"), stop[-300:]
 
 
 def test_a_terminal_hang_up_ends_the_run_with_a_checkpoint(script_dir):

@@ -3,6 +3,7 @@ an interrupt, and the Colab-only branches with google.colab replaced by a record
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -61,6 +62,7 @@ def test_the_readme_badge_and_the_set_up_cell_name_the_same_repository():
 def test_run_all_trains_shows_the_curve_the_video_and_the_score(tmp_path):
     # the dashboard cell's branches, the server's start among them, are the next test's
     folder = project_copy(tmp_path)
+    before = set(os.listdir(folder))
     out = folder / "out.ipynb"
     papermill.execute_notebook(
         str(folder / NOTEBOOK.name),
@@ -76,7 +78,8 @@ def test_run_all_trains_shows_the_curve_the_video_and_the_score(tmp_path):
     html = "".join(o.data.get("text/html", "") for o in outputs if o.output_type == "display_data")
     assert "exit status 0; the run is in logs/ppo_breakout/" in text
     assert re.search(r"score:\s+mean [\d.]+\s+std", text)  # evaluate's score line
-    assert re.search(r"continues run \w+ from update 2", text)  # the last cell went on from the checkpoint
+    # the last cell went on from the checkpoint: labml shows the comment under the run's name
+    assert re.search(r"continues run \w+ from update 2", html)
     # labml's progress: the notebook shows the runs' update lines
     assert "ppo_breakout" in html and "policy_reward" in html
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
@@ -89,6 +92,10 @@ def test_run_all_trains_shows_the_curve_the_video_and_the_score(tmp_path):
     assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p"), meta  # what browsers play
     runs = list(folder.glob("logs/ppo_breakout/*/checkpoints/update_0000003.pt"))
     assert len(runs) == 1, "the resumed run wrote update 3"
+    # what Run all wrote is in the run folders (git ignores logs/): the checkout is as it was
+    (written,) = folder.glob("logs/ppo_breakout/*/game.mp4")
+    left = set(os.listdir(folder)) - before - {out.name, "shown.mp4"}
+    assert left <= {"logs", "__pycache__"}, left
 
 
 COLAB_RECORDER = """

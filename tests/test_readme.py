@@ -48,3 +48,14 @@ def test_each_readme_row_has_the_flags_default_and_help(flag):
     default, help = parser_flags()[flag]
     assert rows[flag][0] == default, f"{flag}: README default {rows[flag][0]!r}, --help {default!r}"
     assert rows[flag][1] == help, f"{flag}: README help {rows[flag][1]!r}, --help {help!r}"
+
+
+def test_the_readmes_two_commands_run_on_a_fresh_image_and_ci_runs_the_second_word_for_word():
+    text = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^Install and [^\n]*:\n\n    (.+)$", text, flags=re.M)
+    assert len(commands) == 2, commands
+    train, test = commands
+    assert train.startswith("python3 -m venv venv && . venv/bin/activate && pip install -r requirements.txt")
+    # a fresh image has no package lists: apt-get install alone says "Unable to locate package"
+    assert test.startswith("apt-get update -qq && apt-get install ")
+    assert test in (ROOT / ".ci" / "run").read_text().splitlines()
