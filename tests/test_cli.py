@@ -177,8 +177,9 @@ def test_a_worker_killed_during_a_run_ends_it_with_a_clear_error_and_no_orphans(
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_and_sigterm_end_the_run_cleanly(script_dir, sig, code):
-    process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN)
+def test_ctrl_c_and_sigterm_end_the_run_cleanly_with_the_stop_on_a_line_of_its_own(script_dir, sig, code):
+    # stderr into stdout, as in a terminal or a log of both, where labml's progress line has no newline
+    process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN, preexec_fn=lambda: os.dup2(1, 2))
     try:
         wait_for_first_update(script_dir, process)
         workers = descendants(process.pid)
@@ -188,32 +189,18 @@ def test_ctrl_c_and_sigterm_end_the_run_cleanly(script_dir, sig, code):
             os.killpg(process.pid, sig)
         else:
             os.kill(process.pid, sig)
-        _, stderr = process.communicate(timeout=30)
+        out, _ = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    assert process.returncode == code, stderr
-    assert "Traceback" not in stderr
+    assert process.returncode == code, out[-2000:]
+    assert "Traceback" not in out
+    (stop,) = [line for line in out.splitlines() if "Stopped at update" in line]
+    assert stop.startswith("Stopped at update"), stop[-300:]
     assert_gone(workers)
     # the run ended with a checkpoint of its last update, and its metrics
     checkpointed_last_update(script_dir)
-
-
-def test_the_stop_line_stands_on_a_line_of_its_own_after_labmls_progress(script_dir):
-    # stderr into stdout, as in a terminal or a log of both: labml's progress line has no newline
-    process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN, preexec_fn=lambda: os.dup2(1, 2))
-    try:
-        wait_for_first_update(script_dir, process)
-        os.kill(process.pid, signal.SIGTERM)
-        out, _ = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    assert process.returncode == 143
-    (stop,) = [line for line in out.splitlines() if "Stopped at update" in line]
-    assert stop.startswith("Stopped at update"), stop[-300:]
 
 
 def test_a_terminal_hang_up_ends_the_run_with_a_checkpoint(script_dir):

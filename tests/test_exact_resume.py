@@ -4,13 +4,11 @@ progress included, and its folder holds the whole run's metrics."""
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, copy_script, flags, run_python, wait_for
+from conftest import TINY, copy_script, flags, run_python, start_in_own_session, wait_for
 
 # long enough for lost lives and ended games on both sides of the checkpoint at update 4
 CONFIG = flags(dict(TINY, worker_steps=64, updates=8))
@@ -87,13 +85,7 @@ def test_a_run_killed_after_its_checkpoint_and_resumed_is_the_run_that_was_not_k
     assert result.returncode == 0, result.stderr[-2000:]
     whole = run_folder(folder)
     runs = {whole}
-    killed = subprocess.Popen(
-        [sys.executable, "ppo_breakout.py", *ARGS],
-        cwd=folder,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    killed = start_in_own_session(folder, "ppo_breakout.py", *ARGS)
     try:
         wait_for(
             lambda: list(folder.glob("logs/ppo_breakout/*/checkpoints/update_0000004.pt"))
