@@ -29,4 +29,5 @@ with ppo.Trainer(updates=2) as trainer:
             times.append(time.perf_counter() - start)
             sizes.append(path.stat().st_size)
 median, low, high = (1000 * f(times) for f in (statistics.median, min, max))
-print(f"{sys.argv[2]}: checkpoint {sizes[-1] / 2**20:.2f} MiB, written in {median:.0f} ms (median of 7; {low:.0f} to {high:.0f})")
+size = sizes[-1] / 2**20
+print(f"{sys.argv[2]}: checkpoint {size:.2f} MiB, written in {median:.0f} ms (median of 7; {low:.0f} to {high:.0f})")
