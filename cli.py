@@ -245,7 +245,8 @@ def stop_handlers(trainer: "ppo.Trainer", again_stops: bool = True):
             return
         trainer.stop_requested = signum
         name = signal.Signals(signum).name
-        print(f"\n{name}: stopping after this update with a checkpoint (again to stop at once)", file=sys.stderr)
+        then = "again to stop at once" if again_stops else "if every rank finishes it too"
+        print(f"\n{name}: stopping after this update with a checkpoint ({then})", file=sys.stderr)
 
     before = {signum: signal.signal(signum, handler) for signum in stop_signals()}
     try:

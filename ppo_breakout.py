@@ -108,7 +108,7 @@ class RunSettings:
     checkpoint_every: int = setting(50, "updates between checkpoints (and one at the end and at Ctrl-C/SIGTERM/SIGHUP)")
     keep_checkpoints: int = setting(3, "how many of the newest checkpoints to keep")
     # under torchrun (distributed.py): how the ranks talk, and which GPU each local rank uses
-    backend: str = setting("auto", "torchrun: auto (nccl on CUDA, else gloo), gloo or nccl")
+    backend: str = setting("auto", "torchrun: auto (nccl where each rank has a GPU of its own, else gloo), gloo, nccl")
     device_ids: str = setting("", "torchrun: the GPU of each local rank, such as 0,0 for 2 ranks on GPU 0")
 
 
@@ -1097,7 +1097,7 @@ def train(
     if lead:
         writers = {"screen", "sqlite"} | ({"web_api"} if url else set())
         experiment.create(name="ppo_breakout", comment=comment, writers=writers)
-    run = run_files.RunFolder(run_settings, checkpoint, partner.job) if lead else None
+    run = run_files.RunFolder(run_settings, checkpoint, partner) if lead else None
     trainer = None
 
     def after_update(stats: Dict[str, float]):

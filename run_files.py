@@ -146,12 +146,16 @@ class RunFolder:
     as `load_checkpoint` read it) begins its metrics with those of the run it continues, up to the
     checkpoint's update, so its metrics.jsonl and curve.png show the whole run from update 1."""
 
-    def __init__(self, run_settings: "ppo.RunSettings", checkpoint: Optional[dict] = None, job: Optional[str] = None):
+    def __init__(self, run_settings: "ppo.RunSettings", checkpoint: Optional[dict] = None, partner=None):
         from labml.internal.experiment import experiment_singleton
 
-        self.path = Path(experiment_singleton().run.run_path)
+        run = experiment_singleton().run
+        self.path = Path(run.run_path)
         self.run_settings, self.resumed = run_settings, checkpoint is not None
-        self.job = job  # a torchrun job's name: its restarts go on from this folder's checkpoints
+        self.job = partner.job if partner else None  # torchrun's: its restarts go on from this folder
+        if partner is not None and partner.torchrun:
+            # for run.yaml; told at experiment.create, labml would name the folder <uuid>.<rank>
+            run.distributed_world_size = partner.world_size
         self.updates_kept = 0  # by this run, not the history it continues
         # the history is copied when the first update is kept: labml makes the folder at the start
         self.continues = (Path(checkpoint["path"]), checkpoint["update"]) if checkpoint is not None else None

@@ -1,5 +1,6 @@
 """The experiment under torchrun: real ranks over gloo on the CPU, real game workers."""
 
+import dataclasses
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -17,16 +19,32 @@ from conftest import ROOT, TINY, TINY_FLAGS, checkpointed_last_update, copy_scri
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def torchrun(folder: Path, *args, restarts: int = 0) -> subprocess.Popen:
+def torchrun(folder: Path, *args, restarts: int = 0, env: Optional[dict] = None) -> subprocess.Popen:
     """`torchrun --standalone --nproc_per_node=2 ppo_breakout.py args...` in `folder`, in a session
-    of its own; its output goes to folder/torchrun.log."""
+    of its own, `env` added to its environment; its output goes to folder/torchrun.log."""
     return subprocess.Popen(
         [*TORCHRUN, f"--max-restarts={restarts}", "ppo_breakout.py", "--dashboard", "off", *args],
         cwd=folder,
+        env={**os.environ, **(env or {})},
         stdout=open(folder / "torchrun.log", "w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def patch_script(folder: Path, code: str):
+    """Run `code` in the copy of ppo_breakout.py in `folder` as the module is loaded, before main."""
+    script = folder / "ppo_breakout.py"
+    entry = '\nif __name__ == "__main__":'
+    source = script.read_text()
+    assert source.count(entry) == 1
+    script.write_text(source.replace(entry, "\n" + textwrap.dedent(code) + entry))
+
+
+def errors(log: str) -> list:
+    """Our one-line reports in a torchrun log (torchrun's own are its report); one may follow rank
+    0's progress on its line, which labml ends with no newline."""
+    return re.findall(r"ppo_breakout\.py: error: .*", log)
 
 
 def rank_pid(torchrun_pid: int, rank: int, worker: bool = False) -> int:
@@ -119,6 +137,28 @@ def test_a_minibatch_step_with_two_ranks_equals_one_process_on_the_same_samples(
     assert out.strip().endswith("ok")
 
 
+def test_rank_0_sends_its_checkpoint_to_every_rank_so_that_they_need_no_shared_filesystem(tmp_path):
+    out = run_script(
+        tmp_path,
+        """
+        import os, run_files
+        ranks = distributed.Ranks("gloo")
+        # each rank's own disk: a folder of its own, where a checkpoint file of the same name differs
+        os.chdir(os.makedirs(f"machine_{ranks.rank}") or f"machine_{ranks.rank}")
+        mine = dict(format=run_files.CHECKPOINT_FORMAT, configs=dict(game="breakout"), n_actions=4)
+        torch.save(dict(mine, update=7 if ranks.rank == 0 else 3), "update_0000007.pt")
+        found = ranks.checkpoint_from_rank_0("update_0000007.pt" if ranks.rank == 0 else None)
+        none = ranks.checkpoint_from_rank_0(None if ranks.rank == 0 else "update_0000007.pt")
+        everyone = ranks.gather((str(found[0]), found[1]["update"], none))
+        if ranks.rank == 0:
+            assert everyone == [("update_0000007.pt", 7, None)] * 2, everyone  # rank 0's, on every rank
+            print("ok")
+        ranks.close()
+        """,
+    )
+    assert out.strip().endswith("ok")
+
+
 @pytest.mark.parametrize("worker", [False, True], ids=["the rank", "a game worker of the rank"])
 def test_a_killed_rank_ends_the_job_within_60_s_naming_it_and_leaves_no_process(tmp_path, worker):
     folder = copy_script(tmp_path)
@@ -144,25 +184,103 @@ def test_a_killed_rank_ends_the_job_within_60_s_naming_it_and_leaves_no_process(
         assert "exitcode  : 1 " in rank_1, log[-3000:]
     else:
         assert f"Signal 9 (SIGKILL) received by PID {killed}" in rank_1, log[-3000:]
+    # the survivor says it lost the others, and what the job keeps: nothing yet (one every 50 updates)
+    (survivor,) = [line for line in errors(log) if "rank 0:" in line]
+    assert "rank 0: lost the other ranks (" in survivor, log[-3000:]
+    assert survivor.endswith("no checkpoint of this job yet (one every 50 updates)"), survivor
 
 
-def test_under_max_restarts_a_killed_rank_is_restarted_and_the_job_goes_on_from_its_checkpoint(tmp_path):
+def test_a_ranks_own_failure_is_reported_with_its_type_and_the_survivor_names_the_checkpoint_kept(tmp_path):
     folder = copy_script(tmp_path)
-    job = torchrun(folder, "--updates", "8", "--checkpoint-every", "2", *TINY_FLAGS, restarts=1)
+    patch_script(
+        folder,
+        """
+        def _failing_on_rank_1(sample):
+            def sample_or_fail(self):
+                if os.environ["RANK"] == "1" and self.update == 2:  # the third update, after the checkpoint
+                    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (a test's)\\nits second line")
+                return sample(self)
+
+            return sample_or_fail
+
+
+        Trainer.sample = _failing_on_rank_1(Trainer.sample)
+        """,
+    )
+    job = torchrun(folder, "--updates", "100000", "--checkpoint-every", "2", *TINY_FLAGS)
+    try:
+        assert job.wait(timeout=180) != 0
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    log = (folder / "torchrun.log").read_text()
+    ours = errors(log)
+    # the rank says what failed in it, not that it lost the others
+    failed = "ppo_breakout.py: error: rank 1: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (a test's);"
+    assert [line for line in ours if line.startswith(failed)] and not [line for line in ours if "rank 1: lost" in line]
+    # the survivor lost it during update 3: update 2's checkpoint is what the job keeps
+    (run,) = folder.glob("logs/ppo_breakout/*")
+    kept = f"the job's newest checkpoint stays: update 2 ({(run / 'checkpoints' / 'update_0000002.pt').resolve()})"
+    (survivor,) = [line for line in ours if "rank 0:" in line]
+    assert "rank 0: lost the other ranks (" in survivor and survivor.endswith(kept), log[-3000:]
+
+
+def quiet(run: Path, seconds: float):
+    """For wait_for: the newest checkpoint of `run`, once neither it nor the metrics have changed
+    for `seconds`."""
+    seen = dict(files=None, since=0.0)
+
+    def newest_when_quiet() -> Optional[Path]:
+        checkpoints = sorted((run / "checkpoints").glob("update_*.pt"))
+        files = (len((run / "metrics.jsonl").read_text().splitlines()), checkpoints[-1] if checkpoints else None)
+        if files != seen["files"]:
+            seen.update(files=files, since=time.monotonic())
+        return files[1] if time.monotonic() - seen["since"] >= seconds else None
+
+    return newest_when_quiet
+
+
+# torchrun's store lives as long as the job; an etcd rendezvous, or this variable, gives each attempt its own
+STORES = {"torchrun's store": {}, "a store of each attempt": {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}}
+
+
+@pytest.mark.parametrize("env", STORES.values(), ids=STORES.keys())
+def test_under_max_restarts_a_killed_rank_is_restarted_and_the_job_goes_on_from_its_checkpoint(tmp_path, env):
+    folder = copy_script(tmp_path)
+    args = ["--updates", "8", "--checkpoint-every", "2", "--clip-range", "0.2", *TINY_FLAGS]
+    job = torchrun(folder, *args, restarts=1, env=env)
     try:
         first = wait_for(lambda: metrics_files(folder), 120, "the first update")[0]
         wait_for(lambda: len(first.read_text().splitlines()) >= 3, 120, "3 updates")
-        os.kill(rank_pid(job.pid, 1), signal.SIGKILL)
+        rank_1 = rank_pid(job.pid, 1)
+        os.kill(rank_1, signal.SIGSTOP)  # rank 0 soon waits for it in a collective, and writes nothing more
+        checkpoint = wait_for(quiet(first.parent, 5), 50, "rank 0 to wait for rank 1")
+        # the newest checkpoint, as a dashboard change of the clip range before the restart leaves it
+        state = torch.load(checkpoint, weights_only=True)
+        state["configs"]["clip_range"] = 0.3
+        torch.save(state, checkpoint)
+        os.kill(rank_1, signal.SIGKILL)
+        killed_at = time.time()
         assert job.wait(timeout=300) == 0, (folder / "torchrun.log").read_text()[-3000:]
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
+    log = (folder / "torchrun.log").read_text()
     runs = sorted(folder.glob("logs/ppo_breakout/*"), key=lambda run: (run / "metrics.jsonl").stat().st_mtime)
     assert len(runs) == 2 and len({(run / "torchrun_job").read_text() for run in runs}) == 1
+    # the restart's own updates (its metrics may begin with those of the run it continues)
     resumed = [json.loads(line) for line in (runs[1] / "metrics.jsonl").read_text().splitlines()]
-    # it went on from the newest checkpoint (one every 2 updates), losing only the updates after it
-    assert (resumed[0]["update"] - 1) % 2 == 0 and resumed[0]["update"] > 2 and resumed[-1]["update"] == 8
+    resumed = [r for r in resumed if r["time"] > killed_at]
+    # it went on from the checkpoint edited, with its clip range, not the launch's --clip-range 0.2
+    assert [r["update"] for r in resumed] == list(range(state["update"] + 1, 9)), [r["update"] for r in resumed]
+    assert [r["clip_range"] for r in resumed] == pytest.approx([0.3] * len(resumed))
     assert (runs[1] / "checkpoints" / "update_0000008.pt").exists()
+    # within a few seconds of the kill: no attempt waited COLLECTIVE_TIMEOUT_S for a job name no one wrote
+    assert resumed[0]["time"] - killed_at < 60
+    # the survivor said which checkpoint the job keeps: the one the restart went on from
+    survivor = [line for line in errors(log) if "rank 0: lost the other ranks (" in line]
+    kept = f"the job's newest checkpoint stays: update {state['update']} ({checkpoint.resolve()})"
+    assert len(survivor) == 1 and survivor[0].endswith(kept), log[-3000:]
 
 
 def test_sigterm_ends_the_job_with_one_checkpoint_and_a_new_job_trains_afresh_into_a_run_folder_of_its_own(tmp_path):
@@ -190,22 +308,35 @@ def test_sigterm_ends_the_job_with_one_checkpoint_and_a_new_job_trains_afresh_in
     assert (run / "torchrun_job").read_text() != (stopped / "torchrun_job").read_text()
 
 
-# under torchrun: one bad flag that every rank reads alike, one that is about the ranks' devices
+# under torchrun: one bad flag that every rank reads alike, two that are about the ranks' devices,
+# the last on a machine with one GPU, as far as the checks of the flags go (no game starts)
 BAD_INPUTS = [
-    (["--batches", "3"], "argument --batches: 3 does not divide"),
-    (["--device-ids", "0"], "argument --device-ids: 1 GPUs for 2 ranks on this machine"),
+    (["--batches", "3"], 0, "argument --batches: 3 does not divide"),
+    (["--device-ids", "0"], 0, "argument --device-ids: 1 GPUs for 2 ranks on this machine"),
+    (
+        ["--device", "cuda", "--device-ids", "0,0", "--backend", "nccl"],
+        1,
+        "argument --backend: nccl cannot have ranks share a GPU (2 ranks on cuda:0); use auto or gloo",
+    ),
 ]
+ONE_GPU = """
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+"""
 
 
-@pytest.mark.parametrize("args,problem", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
-def test_bad_input_under_torchrun_is_one_line_from_rank_0_before_any_game_starts(tmp_path, args, problem):
+@pytest.mark.parametrize("args,gpus,problem", BAD_INPUTS, ids=[" ".join(a) for a, _, _ in BAD_INPUTS])
+def test_bad_input_under_torchrun_is_one_line_from_rank_0_before_any_game_starts(tmp_path, args, gpus, problem):
     folder = copy_script(tmp_path)
+    if gpus:
+        patch_script(folder, ONE_GPU)
     job = torchrun(folder, *TINY_FLAGS, *args)
     assert job.wait(timeout=120) != 0
     log = (folder / "torchrun.log").read_text()
-    ours = [line for line in log.splitlines() if line.startswith("ppo_breakout.py: error:")]
+    ours = errors(log)
     assert len(ours) == 1 and problem in ours[0], log[-3000:]
     assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log  # torchrun's own is its report
+    assert "exitcode  : 2 " in log, log[-3000:]  # every rank
     assert not (folder / "logs").exists(), "no run was started"
 
 
@@ -238,3 +369,37 @@ def test_each_local_rank_takes_its_own_gpu_or_the_one_the_map_names(monkeypatch)
     assert [distributed.device_for(shared, r, 2) for r in (0, 1)] == ["cuda:0", "cuda:0"]
     with pytest.raises(ValueError, match="there is no GPU 5 \\(2 here\\)"):
         distributed.device_for(ppo.RunSettings(device="cuda", device_ids="5,0"), 0, 2)
+
+
+BACKENDS = [
+    ("auto", ["cuda:0", "cuda:1"], "nccl"),
+    ("nccl", ["cuda:0", "cuda:1"], "nccl"),
+    ("gloo", ["cuda:0", "cuda:1"], "gloo"),
+    ("auto", ["cuda:0", "cuda:0"], "gloo"),  # --device-ids 0,0: NCCL would refuse them
+    ("auto", ["cuda:0", "cuda:1", "cuda:0", "cuda:1"], "gloo"),  # 4 ranks on 2 GPUs, without --device-ids
+    ("auto", ["cpu", "cpu"], "gloo"),
+]
+
+
+@pytest.mark.parametrize("backend,devices,expected", BACKENDS)
+def test_the_gradients_go_over_nccl_only_where_each_rank_has_a_gpu_of_its_own(backend, devices, expected):
+    import distributed
+    import ppo_breakout as ppo
+
+    assert distributed.backend_for(ppo.RunSettings(backend=backend), devices) == expected
+
+
+def test_nccl_for_ranks_that_share_a_gpu_is_refused_as_bench_checks_before_it_starts_torchrun(monkeypatch):
+    import distributed
+    import ppo_breakout as ppo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    shared = ppo.RunSettings(device="cuda", device_ids="0,0", backend="nccl")
+    with pytest.raises(ValueError) as refused:
+        distributed.device_for(shared, 0, 2)
+    assert (
+        str(refused.value)
+        == "argument --backend: nccl cannot have ranks share a GPU (2 ranks on cuda:0); use auto or gloo"
+    )
+    assert [distributed.device_for(dataclasses.replace(shared, backend="auto"), r, 2) for r in (0, 1)] == ["cuda:0"] * 2

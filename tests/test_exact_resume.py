@@ -49,10 +49,15 @@ def final_checkpoint(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "update_0000008.pt", weights_only=True)
 
 
-def resume_and_compare(folder: Path, whole: Path, checkpoint: Path, *run_flags):
-    """Resume `checkpoint` (update 4) to update 8 and check the run ends as `whole` did."""
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def resume_and_compare(folder: Path, whole: Path, checkpoint: Path, *run_flags, launcher=()):
+    """Resume `checkpoint` (update 4) to update 8 and check the run ends as `whole` did; `launcher`:
+    what runs ppo_breakout.py (python's arguments before it, such as torchrun's)."""
     runs = set(folder.glob("logs/ppo_breakout/*"))
-    result = run_python(folder, "ppo_breakout.py", "--resume", str(checkpoint), "--dashboard", "off", *run_flags)
+    args = ["--resume", str(checkpoint), "--dashboard", "off", *run_flags]
+    result = run_python(folder, *launcher, "ppo_breakout.py", *args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Starting new games" not in result.stdout
     resumed = run_folder(folder, runs)
@@ -77,6 +82,17 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_the_run_did_bit_for_bit(tmp_p
     assert [r["update"] for r in metrics(resumed)] == list(range(1, 9))
     assert (resumed / "curve.png").exists()
     assert f"continues run {whole.name} from update 4" in (resumed / "run.yaml").read_text()
+
+
+def test_two_torchrun_ranks_resumed_from_their_checkpoint_end_as_the_job_did(tmp_path):
+    folder = copy_script(tmp_path)
+    result = run_python(folder, *TORCHRUN, "ppo_breakout.py", *ARGS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    whole = run_folder(folder)
+    assert "distributed_world_size: 2" in (whole / "run.yaml").read_text()
+    # every rank's games and random state are in rank 0's checkpoint
+    assert [len(rank["games"]) for rank in final_checkpoint(whole)["ranks"]] == [TINY["n_workers"]] * 2
+    resume_and_compare(folder, whole, whole / "checkpoints" / "update_0000004.pt", launcher=TORCHRUN)
 
 
 def test_a_run_killed_after_its_checkpoint_and_resumed_is_the_run_that_was_not_killed(tmp_path):
