@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import TINY
 
+import speed
 from ppo_breakout import STATS, Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -46,7 +47,7 @@ def test_a_graphed_update_trains_as_the_eager_one():
             for key in STATS:
                 assert results[1][key] == pytest.approx(results[0][key], rel=1e-3, abs=1e-6), (update, key)
             assert results[1]["clip_range"] == clip and results[1]["learning_rate"] == lr
-        assert graphed.graphed_step is not None
+        assert isinstance(graphed.train_step, speed.GraphedTrainStep) and graphed.train_step.graph is not None
         # learning rate 0: Adam's step moves nothing, so the graph reads the new value
         graphed.learning_rate._value = 0.0
         before = weights(graphed)
@@ -60,7 +61,7 @@ def test_a_graphed_rollout_records_what_the_model_says():
     if each replay reuses the same random numbers)."""
     with Trainer(cuda_graphs=True, **GPU) as trainer:
         samples = trainer.sample()
-        assert sorted(trainer.act_graphs) == [2]  # one graph, for a step's batch of 2 workers
+        assert sorted(trainer.act.recorded) == [2]  # one graph, for a step's batch of 2 workers
         with torch.no_grad():
             pi, value = trainer.model(samples["obs"])
         torch.testing.assert_close(value, samples["values"], rtol=1e-4, atol=1e-5)
