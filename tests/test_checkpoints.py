@@ -214,3 +214,23 @@ def test_a_resume_takes_the_run_settings_from_its_command_line_not_from_the_chec
     written = torch.load(run / "checkpoints" / "update_0000006.pt", weights_only=True)
     assert set(written["configs"]) == {f.name for f in dataclasses.fields(ppo_breakout.Configs)}
     assert written["model"]["conv1.weight"].device.type == "cpu"
+
+
+def test_only_the_trainers_own_cuda_generator_is_saved_and_restored(monkeypatch):
+    # a checkpoint written where 8 GPUs were visible held 8 states; one GPU's machine has 1
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(("all", len(states))))
+    eight = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    ppo_breakout.set_cuda_rng_state(eight, torch.device("cuda:0"))
+    assert len(restored) == 1 and torch.equal(restored[0][0], eight[0]) and restored[0][1] == torch.device("cuda:0")
+    # on the CPU nothing is restored, from either kind of checkpoint, and nothing is saved
+    restored.clear()
+    ppo_breakout.set_cuda_rng_state(eight, torch.device("cpu"))
+    ppo_breakout.set_cuda_rng_state(torch.zeros(0, dtype=torch.uint8), torch.device("cpu"))
+    assert restored == [] and ppo_breakout.cuda_rng_state(torch.device("cpu")).numel() == 0
+    with Trainer(updates=1, **TINY) as trainer:
+        state = trainer.state_dict()
+    state["cuda_rng"] = eight  # as the 8-GPU machine wrote it, before
+    with Trainer(checkpoint=state, **TINY) as resumed:
+        assert resumed.update == 0 and restored == []

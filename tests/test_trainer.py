@@ -76,19 +76,27 @@ def test_the_rollout_uses_rollout_threads_and_training_all_of_torchs(rollout_thr
 
 def test_the_rollout_pairs_each_game_observation_with_its_action_and_outcome():
     # each worker's game is replayed here with its own seed and the actions the rollout recorded:
-    # it must see the same frames, rewards and ends
-    with Trainer(**TINY) as trainer:
+    # it must see the same frames, rewards and ends. 400 steps a worker: long enough for rewards,
+    # lost lives, a game's end and the next game's first frames (a random game lasts ~200 steps)
+    with Trainer(**dict(TINY, worker_steps=400)) as trainer:
         trainer.sample()
         n, t = trainer.n_workers, trainer.worker_steps
         seeds = np.random.SeedSequence(TINY["seed"]).generate_state(n)
+        seen = {"reward": 0, "lost life": 0, "game over": 0, "step after a reset": 0}
         for w in range(n):
             game = Game(int(seeds[w]))
-            obs = game.reset()
+            obs, reset = game.reset(), False
             for step in range(t):
                 assert np.array_equal(trainer.rollout_obs[w, step].numpy(), obs), (w, step)
-                obs, reward, done, _ = game.step(int(trainer.actions[w, step]))
+                seen["step after a reset"] += reset
+                obs, reward, done, info = game.step(int(trainer.actions[w, step]))
                 assert (trainer.rewards[w, step], trainer.done[w, step]) == (reward, done), (w, step)
+                seen["reward"] += reward != 0
+                seen["lost life"] += done and info is None
+                seen["game over"] += info is not None
+                reset = info is not None
             assert np.array_equal(trainer.obs[w], obs)
+        assert all(seen.values()), seen  # each kind of step was among those checked
         # and the policy's outputs were stored against the same steps: recomputed as the rollout
         # computed them, a step's n_workers frames at a time, in its threads and autocast (bf16 on
         # a CPU with AVX-512 bf16 or AMX, where fp32 on all the frames at once differs by 2e-4),
