@@ -764,6 +764,7 @@ class Trainer:
         self.values = torch.zeros((n, t + 1), dtype=torch.float32, device=self.device)
 
         self.stop_requested = False  # a signal number: stop after the current update
+        self.checkpointing = False  # this update ends with a checkpoint (the loop decides)
         # (update, every rank's `rank_state()`) taken at the latest checkpoint update, for state_dict
         self.ranks_state: Optional[Tuple[int, List[dict]]] = None
         if checkpoint is not None:
@@ -944,8 +945,10 @@ class Trainer:
             start, env_steps = time.perf_counter(), self.env_steps
             samples = self.sample()
             stats = self.train(samples)
-            # under torchrun, every rank stops at the update where any was asked to
+            # under torchrun, every rank stops at the update where any was asked to; a signal that
+            # comes after this point is too late for this update's checkpoint, and stops the next
             self.stop_requested = self.partner.largest(self.stop_requested)
+            stopping = bool(self.stop_requested)
             self.update = update + 1
             stats["explained_variance"] = self.explained_variance
             stats["steps_per_second"] = (self.env_steps - env_steps) / (time.perf_counter() - start)
@@ -954,13 +957,14 @@ class Trainer:
                 stats["length"] = float(np.mean(self.episode_lengths))
             tracker.set_global_step(self.env_steps)
             tracker.save(stats)
-            if self.checkpoint_due():  # under torchrun, rank 0 gathers every rank's part of it
+            self.checkpointing = self.checkpoint_due()  # decided once, on every rank alike
+            if self.checkpointing:  # under torchrun, rank 0 gathers every rank's part of it
                 self.ranks_state = (self.update, self.partner.gather(self.rank_state()))
             if after_update is not None:
                 after_update(stats)
             if self.update % 1_000 == 0:
                 logger.log()
-            if self.stop_requested:
+            if stopping:
                 break
 
     def checkpoint_due(self) -> bool:

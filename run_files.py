@@ -182,7 +182,7 @@ class RunFolder:
         self.updates_kept += 1
         if self.job is not None and not (self.path / JOB_FILE).exists():
             (self.path / JOB_FILE).write_text(self.job)
-        if trainer.checkpoint_due():
+        if trainer.checkpointing:
             save_checkpoint(trainer, self.path, self.run_settings.keep_checkpoints)
             return True
         return False
