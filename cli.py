@@ -38,7 +38,8 @@ def build_parser(add_help: bool = True, defaults: bool = True) -> argparse.Argum
     parser = Parser(
         prog="ppo_breakout.py",
         description="PPO on an Atari game (default Breakout), reported to labml. "
-        "Subcommands: 'evaluate CHECKPOINT', 'plot RUN_FOLDER' and 'dashboard' (each with --help).",
+        "Subcommands: 'evaluate CHECKPOINT', 'plot RUN_FOLDER', 'export CHECKPOINT OUT' and 'dashboard' "
+        "(each with --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         add_help=add_help,
     )

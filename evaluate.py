@@ -25,8 +25,14 @@ import torch
 
 import cli
 import ppo_breakout as ppo
+import speed
 from run_files import CheckpointError, RunFileError, load_checkpoint, os_reason
 
+# the agent the README's first result row trained (seed 1, the defaults, 10,240,000 env steps),
+# exported from its last checkpoint with `python ppo_breakout.py export`; the notebook's
+# `watch_shipped` plays it, beside the curve of the run that trained it
+SHIPPED_AGENT = Path("models/breakout_10m.pt")
+SHIPPED_CURVE = Path("docs/results/breakout_10m/curve.png")
 VIDEO_FPS = 60  # the Atari's frame rate: the video plays at the game's own speed
 # Machado et al. 2018 (arXiv:1709.06009): each frame, the emulator repeats the previous
 # action instead of the new one with this probability; gymnasium's v5 Atari environments use it
@@ -89,20 +95,23 @@ def evaluate(
         return int(probs.argmax(-1) if greedy else torch.multinomial(probs, 1, generator=generator))
 
     scores, lengths, stopped, written = [], [], False, None
+    # one thread: the forward pass of one frame stack is too small to share, and an idle second
+    # thread spins on the core the emulator needs (docs/speed.md, "Evaluation")
     try:
-        for i, game_seed in enumerate(seeds):
-            game = ppo.Game(game_seed, game_name, clip_rewards=False, sticky_actions=sticky_actions)
-            filmed = i == 0 and video is not None
-            with video_file(video) if filmed else contextlib.nullcontext() as on_frame:
-                info = play_game(game, choose_action, on_frame)
-            written = str(video) if filmed else written
-            scores.append(info["reward"])
-            lengths.append(info["length"])
-            print(
-                f"game {i + 1:3d}/{episodes}  seed {game_seed:10d}  score {info['reward']:7.1f}  "
-                f"length {info['length']:6d}",
-                flush=True,
-            )
+        with speed.torch_threads(1):
+            for i, game_seed in enumerate(seeds):
+                game = ppo.Game(game_seed, game_name, clip_rewards=False, sticky_actions=sticky_actions)
+                filmed = i == 0 and video is not None
+                with video_file(video) if filmed else contextlib.nullcontext() as on_frame:
+                    info = play_game(game, choose_action, on_frame)
+                written = str(video) if filmed else written
+                scores.append(info["reward"])
+                lengths.append(info["length"])
+                print(
+                    f"game {i + 1:3d}/{episodes}  seed {game_seed:10d}  score {info['reward']:7.1f}  "
+                    f"length {info['length']:6d}",
+                    flush=True,
+                )
     except KeyboardInterrupt:
         stopped = True
     return {
@@ -110,6 +119,7 @@ def evaluate(
         "lengths": lengths,
         "seeds": seeds,
         "checkpoint": str(path),
+        "trained": (state["update"], state["env_steps"]),
         "video": written,
         "stopped": stopped,
     }
@@ -263,7 +273,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
     scores, lengths = result["scores"], np.array(result["lengths"])
-    print(f"checkpoint: {result['checkpoint']}")
+    update, env_steps = result["trained"]
+    print(f"checkpoint: {result['checkpoint']} (update {update:,}, {env_steps:,} env steps)")
     print(f"policy:     {'greedy' if args.greedy else 'sampled'}, seed {args.seed}")
     print(f"protocol:   {protocol(sticky_actions)}")
     if scores:

@@ -1059,7 +1059,7 @@ SCRIPT_FILES = (
     "distributed.py",
     ".labml.yaml",
 )
-TOOLS = {"evaluate": "evaluate", "plot": "plots", "dashboard": "dashboard"}  # subcommand: module
+TOOLS = {"evaluate": "evaluate", "plot": "plots", "export": "run_files", "dashboard": "dashboard"}  # subcommand: module
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -2,20 +2,29 @@
 The files of a run folder (logs/ppo_breakout/<run uuid>/, made by labml): `metrics.jsonl`, one
 JSON line an update, the record that needs no server; and `checkpoints/update_NNNNNNN.pt`, written
 atomically, the newest few kept. `python ppo_breakout.py --resume` and `evaluate` read them here.
+
+A trained policy leaves its run as a file of its own (models/breakout_10m.pt is one):
+
+    python ppo_breakout.py export logs/ppo_breakout/<run> models/breakout_10m.pt
+
+keeps the weights and the settings needed to play them, without Adam's state, the games in progress
+or the random state: a few MB that `evaluate` and the notebook play, and that cannot be resumed.
 """
 
 import io
 import json
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 import ppo_breakout as ppo
 
 CHECKPOINT_FORMAT = 1  # bumped when the checkpoint's contents change
+POLICY_FORMAT = 1  # the same for an exported policy (export_policy)
 
 
 class RunFileError(Exception):
@@ -98,8 +107,11 @@ def load_checkpoint(path, game: Optional[str] = None, data: Optional[bytes] = No
         state = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a checkpoint ({type(e).__name__})")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a ppo_breakout checkpoint (format {CHECKPOINT_FORMAT})")
+    is_policy = isinstance(state, dict) and state.get("policy_format") == POLICY_FORMAT
+    if not is_policy and (not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT):
+        raise CheckpointError(
+            f"{path} is not a ppo_breakout checkpoint (format {CHECKPOINT_FORMAT}) or policy (format {POLICY_FORMAT})"
+        )
     game = game or state["configs"]["game"]
     if ppo.rom_path(game) is None:
         raise CheckpointError(f"ale-py ships no ROM named {game!r}")
@@ -108,8 +120,30 @@ def load_checkpoint(path, game: Optional[str] = None, data: Optional[bytes] = No
         raise CheckpointError(
             f"checkpoint {path} has a policy with {state['n_actions']} actions, but {game} has {n_actions}"
         )
-    state["path"] = str(path)
+    state["path"], state["policy_only"] = str(path), is_policy
     return path, state
+
+
+def export_policy(checkpoint, out: Path) -> dict:
+    """Write the policy of `checkpoint` (a file, or a run folder's newest) to `out`, atomically: the
+    weights (float32, as trained: autocast computes in bf16 but keeps the weights in float32), the
+    settings, and where they came from: the update, the env steps and the last 100 games' scores at
+    that update. Returns what it wrote."""
+    path, state = load_checkpoint(checkpoint)
+    if state["policy_only"]:
+        raise CheckpointError(f"{path} is a policy already")
+    policy = {
+        "policy_format": POLICY_FORMAT,
+        "model": state["model"],
+        "n_actions": state["n_actions"],
+        "configs": state["configs"],
+        "update": state["update"],
+        "env_steps": state["env_steps"],
+        "episode_rewards": state["episode_rewards"],
+        "from_checkpoint": f"{path.parent.parent.name}/checkpoints/{path.name}",
+    }
+    atomic_save(policy, out)
+    return policy
 
 
 JOB_FILE = "torchrun_job"  # in a run folder a torchrun job made: the job's name (distributed.Ranks.job)
@@ -132,6 +166,11 @@ def resume(path, explicit: dict) -> Tuple[dict, str]:
         path, checkpoint = load_checkpoint(path, game=explicit.get("game"))
     except CheckpointError as e:
         raise CheckpointError(f"argument --resume: {e}") from None
+    if checkpoint["policy_only"]:
+        raise CheckpointError(
+            f"argument --resume: {path} is an exported policy (weights and settings, no optimizer state or games): "
+            "evaluate plays it, training goes on only from a run's checkpoint"
+        )
     updates = explicit.get("updates", checkpoint["configs"]["updates"])
     if updates <= checkpoint["update"]:
         raise CheckpointError(
@@ -197,3 +236,37 @@ class RunFolder:
             every = f"one every {self.run_settings.checkpoint_every} updates"
             return f"no checkpoint yet ({every}); the metrics are in {self.path}{kept}"
         return f"the last checkpoint is {checkpoints[-1]}; the metrics are in {self.path}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python ppo_breakout.py export CHECKPOINT OUT`: see export_policy."""
+    import argparse
+
+    import cli
+
+    parser = argparse.ArgumentParser(
+        prog="ppo_breakout.py export",
+        description="Write a checkpoint's policy (weights and settings, no optimizer state or games) to its own "
+        "file, which evaluate and the notebook play.",
+    )
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its newest checkpoint)")
+    parser.add_argument("out", type=Path, help="the policy file to write, such as models/breakout_10m.pt")
+    args = parser.parse_args(argv)
+    if args.out.suffix != ".pt":
+        return cli.fail(parser.prog, f"argument out: {args.out} must end in .pt")
+    if not args.out.resolve().parent.is_dir():
+        return cli.fail(parser.prog, f"argument out: folder {args.out.parent} does not exist")
+    try:
+        policy = export_policy(args.checkpoint, args.out)
+    except CheckpointError as e:
+        return cli.fail(parser.prog, str(e))
+    except RunFileError as e:  # the file could not be written
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    scores = policy["episode_rewards"]
+    mean = f"{sum(scores) / len(scores):.2f} over the last {len(scores)} games" if scores else "no games yet"
+    print(
+        f"wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB): the policy of {policy['from_checkpoint']}, "
+        f"update {policy['update']:,}, {policy['env_steps']:,} env steps, training score {mean}"
+    )
+    return 0
