@@ -4,6 +4,7 @@ models/breakout_10m.pt."""
 import torch
 from conftest import ROOT, files_of_at_most, run_python
 
+from evaluate import SHIPPED_AGENT
 from run_files import POLICY_FORMAT
 
 POLICY_KEYS = {
@@ -81,3 +82,16 @@ def test_bad_input_is_one_line_and_a_file_that_cannot_be_written_leaves_nothing(
     expected = f"ppo_breakout.py export: error: cannot write {tmp_path / 'policy.pt'}: File too large"
     assert full.stderr.strip() == expected
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_shipped_agent_is_the_10m_run_s_policy_and_the_readme_states_its_training_score():
+    policy = torch.load(ROOT / SHIPPED_AGENT, weights_only=True)
+    assert set(policy) == POLICY_KEYS and "format" not in policy
+    assert policy["configs"]["game"] == "breakout" and policy["configs"]["seed"] == 1
+    assert policy["update"] == 10_000 and policy["env_steps"] == 10_240_000
+    assert (ROOT / SHIPPED_AGENT).stat().st_size < 10 * 2**20, "a few MB, in the repository"
+    scores = policy["episode_rewards"]
+    assert len(scores) == 100
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| this project"))
+    assert row.split("|")[2].strip() == "10,240,000", row
+    assert f"{sum(scores) / 100:.2f}" in row.split("|")[3], row

@@ -16,6 +16,8 @@ import papermill
 import pytest
 from conftest import ROOT, TINY, dashboard_answers, descendants, free_port, metrics_files, wait_for
 
+from evaluate import SHIPPED_AGENT, SHIPPED_CURVE
+
 NOTEBOOK = ROOT / "ppo_breakout.ipynb"
 # the notebook's parameters for a run of the tiny configuration, and one evaluation game
 PARAMETERS = dict(TINY, updates=2, eval_games=1)
@@ -27,6 +29,9 @@ def project_copy(folder: Path) -> Path:
         if path.suffix in (".py", ".txt", ".ipynb") or path.name == ".labml.yaml":
             shutil.copy(path, folder / path.name)
     shutil.copytree(ROOT / "dashboard_assets", folder / "dashboard_assets")
+    for shipped in (SHIPPED_AGENT, SHIPPED_CURVE):
+        (folder / shipped).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / shipped, folder / shipped)
     return folder
 
 
@@ -96,6 +101,34 @@ def test_run_all_trains_shows_the_curve_the_video_and_the_score(tmp_path):
     (written,) = folder.glob("logs/ppo_breakout/*/game.mp4")
     left = set(os.listdir(folder)) - before - {out.name, "shown.mp4"}
     assert left <= {"logs", "__pycache__"}, left
+
+
+def test_watch_shipped_plays_the_shipped_agent_with_its_video_and_trains_nothing(tmp_path):
+    folder = project_copy(tmp_path)
+    out = folder / "out.ipynb"
+    # the dashboard asked for too: watching needs none, so none starts
+    papermill.execute_notebook(
+        str(folder / NOTEBOOK.name),
+        str(out),
+        parameters=dict(watch_shipped=True, dashboard=True, more_updates=5, eval_games=1),
+        cwd=str(folder),
+        progress_bar=False,
+    )
+    outputs = [o for cell in nbformat.read(out, as_version=4).cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    html = "".join(o.data.get("text/html", "") for o in outputs if o.output_type == "display_data")
+    assert f"watch_shipped: no training; the cells below show {SHIPPED_AGENT}" in text
+    assert "labml dashboard" not in text and "exit status" not in text
+    assert not (folder / "logs" / "ppo_breakout").exists(), "no run was trained, nor resumed"
+    assert f"checkpoint: {SHIPPED_AGENT} (update 10,000, 10,240,000 env steps)" in text
+    (score,) = re.findall(r"game +1/1  seed +\d+  score +([\d.]+)", text)
+    assert float(score) > 100, "a trained agent's game (a random policy scores about 1.5)"
+    # the curve shown is the 10M run's, and the video the game just played
+    (png,) = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert base64.b64decode(png.data["image/png"]) == (ROOT / SHIPPED_CURVE).read_bytes()
+    (video,) = re.findall(r'src="data:video/mp4;base64,([^"]+)"', html)
+    assert base64.b64decode(video) == (folder / "logs" / "breakout_10m_game.mp4").read_bytes()
 
 
 COLAB_RECORDER = """
