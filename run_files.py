@@ -98,6 +98,12 @@ def find_checkpoint(path: Path) -> Path:
     return path
 
 
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint file belongs to: the one above its checkpoints/ folder, or the
+    folder it lies in."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
 def load_checkpoint(path, game: Optional[str] = None, data: Optional[bytes] = None) -> Tuple[Path, dict]:
     """Read a checkpoint (file or run folder); with `game`, check its policy fits that game. With
     `data`, the bytes of the checkpoint file `path` (read on another machine) are read instead.
@@ -140,7 +146,7 @@ def export_policy(checkpoint, out: Path) -> dict:
         "update": state["update"],
         "env_steps": state["env_steps"],
         "episode_rewards": state["episode_rewards"],
-        "from_checkpoint": f"{path.parent.parent.name}/checkpoints/{path.name}",
+        "from_checkpoint": str(path.relative_to(run_folder_of(path).parent)),
     }
     atomic_save(policy, out)
     return policy
@@ -202,7 +208,7 @@ class RunFolder:
     def continue_metrics(self, checkpoint: Path, update: int):
         """Copy the lines up to `update` of the metrics of the run `checkpoint` belongs to (the
         run folder above its checkpoints/ folder), or say in one line that there are none."""
-        folder = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+        folder = run_folder_of(checkpoint)
         source = folder / "metrics.jsonl"
         if not source.exists():
             print(f"No metrics.jsonl in {folder}: this run's metrics begin after update {update}")
