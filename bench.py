@@ -34,6 +34,7 @@ import dataclasses
 import math
 import os
 import platform
+import resource
 import signal
 import statistics
 import sys
@@ -590,12 +591,14 @@ def main():
 
         for _ in range(args.warmup):
             trainer.train(trainer.sample())
-        rollout, update, loop = [], [], []
+        rollout, update, loop, faults = [], [], [], 0
         for _ in range(args.measure):
             start = time.perf_counter()
             samples = trainer.sample()
             sampled = time.perf_counter()
+            faults -= resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             trainer.train(samples)
+            faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             done = time.perf_counter()
             rollout.append(trainer.batch_size / (sampled - start))
             update.append(trainer.batch_size * trainer.epochs() / (done - sampled))
@@ -605,6 +608,13 @@ def main():
             f"update:    {statistics.median(update):8.0f} samples/s through forward+backward+Adam "
             f"({1000 * trainer.mini_batch_size / statistics.median(update):.0f} ms per minibatch "
             f"of {trainer.mini_batch_size})"
+        )
+        # what --reuse-freed-memory spares: with glibc's defaults each minibatch maps its tens of MB
+        # anew and faults them in page by page (compare with --no-reuse-freed-memory)
+        minibatches = args.measure * trainer.epochs() * (trainer.batch_size // trainer.mini_batch_size)
+        print(
+            f"faults:    {faults / minibatches:8.0f} page faults a minibatch in the trainer "
+            f"(reuse freed memory {trainer.reusing_freed_memory})"
         )
         print(
             f"loop:      {args.measure * trainer.batch_size / sum(loop):8.0f} env steps/s over "

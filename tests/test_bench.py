@@ -38,7 +38,7 @@ def test_bench_prints_every_figure_for_one_configuration():
     result = run_python(ROOT, "bench.py", *args, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    for label in ("machine:", "software:", "config:", "rollout:", "update:", "loop:", "ceiling:", "memory:"):
+    for label in ("machine:", "software:", "config:", "rollout:", "update:", "faults:", "loop:", "ceiling:", "memory:"):
         assert label in out, label
     workers, vector, ratio = re.search(
         r"Workers\s+(\d+) steps/s \| AtariVectorEnv\s+(\d+) steps/s \| ratio ([\d.]+)", out
