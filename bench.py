@@ -48,6 +48,9 @@ import numpy as np
 import torch
 
 import cli
+import distributed
+import evaluate
+import game
 import ppo_breakout as ppo
 import speed
 from plots import read_metrics
@@ -115,7 +118,7 @@ def bench_workers(trainer: "ppo.Trainer", steps: int) -> float:
 
     def step_all(actions):
         for worker, action in zip(trainer.workers, actions):
-            worker.send("step", int(action))
+            worker.send(ppo.Command.STEP, int(action))
         for worker in trainer.workers:
             worker.receive()
 
@@ -133,12 +136,12 @@ def bench_vector_env(c: "ppo.Configs", steps: int) -> float:
         c.n_workers,
         num_threads=os.cpu_count() or 1,
         repeat_action_probability=0.0,
-        frameskip=ppo.FRAME_SKIP,
-        stack_num=ppo.FRAME_STACK,
-        img_height=ppo.FRAME_SIZE,
-        img_width=ppo.FRAME_SIZE,
-        noop_max=ppo.NOOP_MAX,
-        max_num_frames_per_episode=ppo.MAX_FRAMES,
+        frameskip=game.FRAME_SKIP,
+        stack_num=game.FRAME_STACK,
+        img_height=game.FRAME_SIZE,
+        img_width=game.FRAME_SIZE,
+        noop_max=game.NOOP_MAX,
+        max_num_frames_per_episode=game.MAX_FRAMES,
         reward_clipping=c.clip_rewards,
         use_fire_reset=True,
     )
@@ -169,7 +172,7 @@ def model_flops(model: torch.nn.Module, device: torch.device) -> Tuple[float, fl
     hooks = [layer.register_forward_hook(count) for layer in layers]
     try:
         with torch.no_grad():
-            model(torch.zeros((1, *ppo.OBS_SHAPE), dtype=torch.uint8, device=device))
+            model(torch.zeros((1, *game.OBS_SHAPE), dtype=torch.uint8, device=device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -196,14 +199,12 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
 
 def random_policy(c: "ppo.Configs", episodes: int):
     """The mean whole-game score of uniformly random actions, with the training protocol."""
-    import evaluate
-
     rng = np.random.default_rng(c.seed)
     scores, lengths = [], []
     for i in range(episodes):
-        game = ppo.Game(int(rng.integers(2**31)), c.game, clip_rewards=False)
-        n_actions = len(game.actions)
-        info = evaluate.play_game(game, lambda obs: int(rng.integers(n_actions)))
+        atari = game.Game(int(rng.integers(2**31)), c.game, clip_rewards=False)
+        n_actions = len(atari.actions)
+        info = evaluate.play_game(atari, lambda obs: int(rng.integers(n_actions)))
         scores.append(info["reward"])
         lengths.append(info["length"])
     print(
@@ -460,7 +461,7 @@ def run_under_torchrun(
     here = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory(prefix="bench_ranks_") as temporary:
         folder = Path(temporary)
-        for name in ppo.SCRIPT_FILES:
+        for name in cli.SCRIPT_FILES:
             (folder / name).write_bytes((here / name).read_bytes())
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
         with open(folder / "torchrun.log", "w") as log:
@@ -554,8 +555,6 @@ def main():
     if args.ranks:
         if r.device_ids:
             parser.error("argument --device-ids: --ranks chooses each run's GPUs itself")
-        import distributed  # beside this file, as the script it runs
-
         device = ppo.parse_device(r.device)
         ids = device_ids(device, args.ranks, torch.cuda.device_count() if device.type == "cuda" else 0)
         try:  # what the ranks would refuse, refused here: --backend nccl on the CPU, no GPU 1

@@ -1,10 +1,14 @@
 """
-The command line of `python ppo_breakout.py`: its flags, made from `Configs` (each setting's
-default and help are declared there, once); bad input refused with one line and exit 2 before
-anything starts; `--resume`; and how a run stops. The first Ctrl-C, SIGTERM or terminal hang-up
-(SIGHUP: the terminal closed, an ssh connection dropped) lets the update finish and ends the run
-with a checkpoint, exit 128 + the signal; a second one stops at once. Under `nohup` a hang-up
-stays ignored.
+The command line of `python ppo_breakout.py` (`main`), and the run it starts (`train`): the
+experiment trained with labml, reporting to the dashboard, keeping its run folder.
+
+- The flags are made from `Configs` and `RunSettings` (each setting's default and help are declared
+  there, once); bad input is refused with one line and exit 2 before anything starts; `--resume`
+  goes on from a checkpoint. The subcommands are their own files': evaluate.py, plots.py,
+  run_files.py (export) and dashboard.py.
+- How a run stops: the first Ctrl-C, SIGTERM or terminal hang-up (SIGHUP: the terminal closed, an
+  ssh connection dropped) lets the update finish and ends the run with a checkpoint, exit 128 + the
+  signal; a second one stops at once. Under `nohup` a hang-up stays ignored.
 """
 
 import argparse
@@ -13,23 +17,52 @@ import dataclasses
 import os
 import signal
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
+from labml import experiment
+
+import dashboard
+import evaluate
+import plots
 import ppo_breakout as ppo
 import run_files
-from dashboard import dashboard_flag_problem
+from errors import Parser, device_problem, fail, seed_problem
+from game import rom_path
+
+# `python ppo_breakout.py NAME ...`: the file that owns each subcommand, and its main
+SUBCOMMANDS = {"evaluate": evaluate.main, "plot": plots.main, "export": run_files.main, "dashboard": dashboard.main}
+# what `python ppo_breakout.py` needs beside it: the modules it imports, labml's project file
+SCRIPT_FILES = (
+    "ppo_breakout.py",
+    "game.py",
+    "speed.py",
+    "errors.py",
+    "cli.py",
+    "run_files.py",
+    "plots.py",
+    "evaluate.py",
+    "dashboard.py",
+    "distributed.py",
+    ".labml.yaml",
+)
+
+
+def subcommand(argv: List[str]) -> bool:
+    return bool(argv) and argv[0] in SUBCOMMANDS
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python ppo_breakout.py [flags]`, or one of its subcommands; the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if subcommand(argv):
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    configs, run_settings, checkpoint, comment, dashboard_flag = parse(argv)  # one line, exit 2 on bad input
+    return train(configs, run_settings, checkpoint, comment, dashboard_flag, given=tuple(given_flags(argv)))
 
 
 def flag_of(name: str) -> str:
     return "--" + name.rstrip("_").replace("_", "-")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with a bad flag said in one line, the problem and where to look, instead of the
-    usage block before it."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser(add_help: bool = True, defaults: bool = True) -> argparse.ArgumentParser:
@@ -80,12 +113,6 @@ def build_parser(add_help: bool = True, defaults: bool = True) -> argparse.Argum
     return parser
 
 
-def fail(prog: str, message: str) -> int:
-    """One line on stderr naming the problem; the exit status for bad input."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
-
-
 def given_flags(argv: List[str]) -> dict:
     """The settings `argv` gives, and only those."""
     return vars(build_parser(defaults=False).parse_args(argv))
@@ -115,7 +142,7 @@ def parse(argv: List[str]) -> Tuple["ppo.Configs", "ppo.RunSettings", Optional[d
             raise BadInput(fail(parser.prog, str(e)))
         configs = resumed_configs(checkpoint, argv)
     errors = config_errors(configs, run_settings)
-    problem = dashboard_flag_problem(args["dashboard"])
+    problem = dashboard.dashboard_flag_problem(args["dashboard"])
     errors += [("dashboard", problem)] if problem else []
     for name, problem in errors[:-1]:
         print(f"{parser.prog}: error: argument {flag_of(name)}: {problem}", file=sys.stderr)
@@ -145,7 +172,7 @@ def config_errors(c: "ppo.Configs", r: "ppo.RunSettings") -> List[Tuple[str, str
             errors.append((name, f"must be in [0, 1], got {getattr(c, name)}"))
     if not c.adam_eps > 0:
         errors.append(("adam_eps", f"must be positive, got {c.adam_eps}"))
-    if ppo.rom_path(c.game) is None:
+    if rom_path(c.game) is None:
         errors.append(("game", f"ale-py ships no ROM named {c.game!r} (for example: breakout, pong, space_invaders)"))
     choices_of = {
         "lr_schedule": (c.lr_schedule, ("constant", "linear")),
@@ -164,20 +191,6 @@ def config_errors(c: "ppo.Configs", r: "ppo.RunSettings") -> List[Tuple[str, str
         if problem:
             errors.append((name, problem))
     return errors or memory_errors(c, r)
-
-
-def seed_problem(seed: int) -> Optional[str]:
-    if seed < 0:
-        return f"must be 0 or more, got {seed}"
-    return f"must be less than 2**64 (torch seeds are 64-bit), got {seed}" if seed >= 2**64 else None
-
-
-def device_problem(name: str) -> Optional[str]:
-    try:
-        ppo.parse_device(name)
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 # What a run holds at its peak on the CPU, rounded up from bench.py's measurements (docs/speed.md):
@@ -273,3 +286,65 @@ def exit_code(error: BaseException, run: Optional["run_files.RunFolder"], partne
         reason = f"cannot write the run: {run_files.os_reason(error)}"
     print(f"error: {reason}; {saved}", file=sys.stderr)
     return 1
+
+
+def train(
+    configs: "ppo.Configs",
+    run_settings: Optional["ppo.RunSettings"] = None,
+    checkpoint: Optional[dict] = None,
+    comment: Optional[str] = None,
+    dashboard_flag: str = "off",
+    partner=None,
+    rank_seed: Optional[int] = None,
+    given: Tuple[str, ...] = (),
+) -> int:
+    """Train, reporting to labml; its exit status. Under torchrun (`partner`, the job's
+    `distributed.Ranks`), rank 0 alone reports and keeps the run folder, and each rank draws its
+    actions from a stream seeded by `rank_seed`. `given`: the settings the command line gave, which
+    labml records as explicitly specified (the dashboard lists them apart from the defaults)."""
+    run_settings = run_settings or ppo.RunSettings()
+    partner = partner or ppo.OneProcess()
+    lead = partner.rank == 0
+    url = dashboard.connect(dashboard_flag) if lead else None
+    if lead:
+        writers = {"screen", "sqlite"} | ({"web_api"} if url else set())
+        experiment.create(name="ppo_breakout", comment=comment, writers=writers)
+    run = run_files.RunFolder(run_settings, checkpoint, partner) if lead else None
+    trainer = None
+
+    def after_update(stats: Dict[str, float], last: bool):
+        # the metrics every update; every rank's part of a checkpoint when one is due, gathered to rank 0
+        due = trainer.update % run_settings.checkpoint_every == 0 or last
+        ranks = partner.gather(run_files.rank_state(trainer)) if due else None
+        if run is not None and run.keep(trainer, stats, ranks):
+            plots.refresh_curve(run.path)
+
+    try:
+        first_update = checkpoint["update"] if checkpoint is not None else 0
+        trainer = ppo.Trainer(configs, run_settings, partner, first_update)
+        resumed_games = checkpoint is not None and run_files.restore(trainer, checkpoint)
+        if rank_seed is not None and not resumed_games:  # a resumed rank has its own random state
+            torch.manual_seed(rank_seed)
+        if lead:
+            settings = {**dataclasses.asdict(configs), **dataclasses.asdict(run_settings), **trainer.hyperparams}
+            settings["resumed_from"] = comment or ""
+            # labml prints the comment, the run a resumed one continues, under the run's name; the
+            # settings given on the command line are recorded as specified, the rest as defaults
+            experiment.configs(settings, {name: settings[name] for name in given if name in settings})
+        with (
+            # torchrun passes its own second signal on to its ranks: theirs does not stop at once
+            stop_handlers(trainer, again_stops=not partner.torchrun),
+            experiment.start() if lead else contextlib.nullcontext(),
+        ):
+            if url:
+                dashboard.claim_run(url, experiment.get_uuid())
+            trainer.run_training_loop(after_update)
+    except (KeyboardInterrupt, StopRequested, ppo.WorkerError, run_files.RunFileError, OSError) as e:
+        return exit_code(e, run, partner)
+    finally:
+        if trainer is not None:
+            trainer.destroy()
+    if trainer.stop_requested and lead:
+        print(flush=True)  # end labml's progress line, so this one stands on its own
+        print(f"Stopped at update {trainer.update}; checkpoint and metrics are in {run.path}", file=sys.stderr)
+    return 128 + trainer.stop_requested if trainer.stop_requested else 0

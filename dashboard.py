@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
+from ppo_breakout import die_with_parent
+
 ASSETS = Path(__file__).resolve().parent / "dashboard_assets"
 DEFAULT_IP = "127.0.0.1"
 DEFAULT_PORT = 5005
@@ -238,8 +240,6 @@ def serve_in_background(port: int = DEFAULT_PORT, log: Path = Path("logs/dashboa
     import subprocess
     import time
 
-    import ppo_breakout as ppo
-
     url = f"http://{DEFAULT_IP}:{port}"
     if dashboard_answers(url):
         return url
@@ -258,7 +258,7 @@ def serve_in_background(port: int = DEFAULT_PORT, log: Path = Path("logs/dashboa
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=functools.partial(ppo.die_with_parent, signal.SIGTERM),
+            preexec_fn=functools.partial(die_with_parent, signal.SIGTERM),
         )
     deadline = time.monotonic() + timeout
     while server.poll() is None and time.monotonic() < deadline:

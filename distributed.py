@@ -7,7 +7,7 @@ The same experiment under torchrun: N processes (ranks) train one policy.
     srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=4 --rdzv-backend=c10d \\
         --rdzv-endpoint=$(hostname):29500 --rdzv-id=$SLURM_JOB_ID ppo_breakout.py [flags]   # SLURM
 
-`ppo_breakout.main` hands a process that torchrun started to `main` here. What the ranks share, through
+`python ppo_breakout.py` hands a process that torchrun started to `main` here. What the ranks share, through
 `Ranks`, the Trainer's partner here (a single process has `ppo_breakout.OneProcess`, whose exchanges
 do nothing):
 
@@ -61,7 +61,7 @@ import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -96,16 +96,6 @@ def exchanging():
 def first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
-
-
-class Held:
-    """A dynamic hyperparameter's value, held for an update: called as labml's are."""
-
-    def __init__(self, value):
-        self._value = value
-
-    def __call__(self):
-        return self._value
 
 
 def job_name(store: dist.Store, rank: int) -> str:
@@ -150,7 +140,6 @@ class Ranks:
         dist.init_process_group("gloo", store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
         self.backend = "nccl" if all(b == "nccl" for b in self.gather(backend)) else "gloo"
         self.tensors = dist.new_group(backend="nccl", timeout=timeout) if self.backend == "nccl" else None
-        self.live = None  # rank 0's labml dynamic hyperparameters, which the dashboard changes
 
     def average_gradients(self, parameters):
         """Every rank's gradients replaced by their mean over the ranks: one flat all-reduce."""
@@ -202,15 +191,14 @@ class Ranks:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag)
 
-    def hold_dynamic(self, trainer: "ppo.Trainer"):
-        """Rank 0's dynamic hyperparameters now, held by every rank for this update."""
-        if self.live is None:
-            self.live = {name: getattr(trainer, name) for name in ppo.DYNAMIC}
-        values = self.from_rank_0({name: param() for name, param in self.live.items()} if self.rank == 0 else None)
-        for name, value in values.items():
-            if self.rank != 0:
-                self.live[name]._value = value  # what a checkpoint would save
-            setattr(trainer, name, Held(value))
+    def hold(self, hyperparams: Dict[str, "ppo.CheckedValue"]):
+        """Rank 0's dynamic hyperparameters now (where the dashboard changes them), held by every
+        rank for this update."""
+        for hyperparam in hyperparams.values():
+            hyperparam.held = None  # rank 0 reads the dashboard's value, not the last update's
+        values = self.from_rank_0({name: hyperparam() for name, hyperparam in hyperparams.items()})
+        for name, hyperparam in hyperparams.items():
+            hyperparam.held = values[name]
 
     def checkpoint_from_rank_0(self, path: Optional[str]) -> Optional[Tuple[Path, dict]]:
         """The checkpoint file `path` of rank 0's machine (None: there is none; the other ranks'
@@ -324,7 +312,7 @@ def main(argv: List[str]) -> int:
         # rank before it has said what the job keeps (torchrun kills a rank that does not end)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         given = tuple(cli.given_flags(argv))
-        return ppo.train(configs, run_settings, checkpoint, comment, dashboard_flag, ranks, action_seed, given)
+        return cli.train(configs, run_settings, checkpoint, comment, dashboard_flag, ranks, action_seed, given)
     except (LostRanks, RuntimeError, OSError, run_files.RunFileError) as e:
         # a failed exchange: another rank is gone; anything else is this rank's own, said with its type
         what = f"lost the other ranks ({e})" if isinstance(e, LostRanks) else f"{type(e).__name__}: {first_line(e)}"

@@ -23,9 +23,10 @@ from typing import Callable, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-import cli
 import ppo_breakout as ppo
 import speed
+from errors import device_problem, fail, seed_problem
+from game import MAX_FRAMES, NOOP_MAX, Game
 from run_files import CheckpointError, RunFileError, load_checkpoint, os_reason
 
 # the agent the README's first result row trained (seed 1, the defaults, 10,240,000 env steps),
@@ -44,7 +45,7 @@ BOOTSTRAP_RESAMPLES = 9999  # scipy's default
 
 
 def play_game(
-    game: "ppo.Game", choose_action: Callable[[np.ndarray], int], on_frame: Optional[Callable] = None
+    game: Game, choose_action: Callable[[np.ndarray], int], on_frame: Optional[Callable] = None
 ) -> dict:
     """Play one whole game from its start, `choose_action(obs)` picking each action from the frame
     stack, and return its info: {"reward": the score, "length": agent steps}. `on_frame`, when
@@ -100,7 +101,7 @@ def evaluate(
     try:
         with speed.torch_threads(1):
             for i, game_seed in enumerate(seeds):
-                game = ppo.Game(game_seed, game_name, clip_rewards=False, sticky_actions=sticky_actions)
+                game = Game(game_seed, game_name, clip_rewards=False, sticky_actions=sticky_actions)
                 filmed = i == 0 and video is not None
                 with video_file(video) if filmed else contextlib.nullcontext() as on_frame:
                     info = play_game(game, choose_action, on_frame)
@@ -207,8 +208,8 @@ def protocol(sticky_actions: float) -> str:
         else "no sticky actions (as in training)"
     )
     return (
-        f"all lives, unclipped score, 1 to {ppo.NOOP_MAX} no-op frames at the start, "
-        f"at most {ppo.MAX_FRAMES:,} frames, {sticky}"
+        f"all lives, unclipped score, 1 to {NOOP_MAX} no-op frames at the start, "
+        f"at most {MAX_FRAMES:,} frames, {sticky}"
     )
 
 
@@ -248,27 +249,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     if args.episodes <= 0:
-        return cli.fail(parser.prog, f"argument --episodes: must be a positive integer, got {args.episodes}")
-    problem = cli.seed_problem(args.seed)
+        return fail(parser.prog, f"argument --episodes: must be a positive integer, got {args.episodes}")
+    problem = seed_problem(args.seed)
     if problem:
-        return cli.fail(parser.prog, f"argument --seed: {problem}")
+        return fail(parser.prog, f"argument --seed: {problem}")
     problem = probability_problem(args.sticky_actions)
     if problem:
-        return cli.fail(parser.prog, f"argument --sticky-actions: {problem}")
+        return fail(parser.prog, f"argument --sticky-actions: {problem}")
     sticky_actions = float(args.sticky_actions)
     if args.video is not None and args.video.suffix.lower() != ".mp4":
-        return cli.fail(parser.prog, f"argument --video: {args.video} must end in .mp4")
+        return fail(parser.prog, f"argument --video: {args.video} must end in .mp4")
     if args.video is not None and not args.video.resolve().parent.is_dir():
-        return cli.fail(parser.prog, f"argument --video: folder {args.video.parent} does not exist")
-    problem = cli.device_problem(args.device)
+        return fail(parser.prog, f"argument --video: folder {args.video.parent} does not exist")
+    problem = device_problem(args.device)
     if problem:
-        return cli.fail(parser.prog, f"argument --device: {problem}")
+        return fail(parser.prog, f"argument --device: {problem}")
     try:
         result = evaluate(
             args.checkpoint, args.episodes, args.video, args.greedy, args.seed, args.device, sticky_actions
         )
     except CheckpointError as e:
-        return cli.fail(parser.prog, str(e))
+        return fail(parser.prog, str(e))
     except RunFileError as e:  # the video could not be written
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import cli
+from errors import fail
 from run_files import RunFileError, os_reason
 
 PLOT_SIZE = (12, 9)  # inches; at PLOT_DPI, 1200x900 pixels
@@ -126,26 +126,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     for folder in args.folders:
         if not folder.is_dir():
-            return cli.fail(parser.prog, f"argument RUN_FOLDER: {folder} is not a folder")
+            return fail(parser.prog, f"argument RUN_FOLDER: {folder} is not a folder")
     output = args.output or args.folders[0] / "curve.png"
     if not output.resolve().parent.is_dir():
-        return cli.fail(parser.prog, f"argument --output: folder {output.parent} does not exist")
+        return fail(parser.prog, f"argument --output: folder {output.parent} does not exist")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     formats = FigureCanvasAgg.get_supported_filetypes()
     if output.suffix.lower().lstrip(".") not in formats:
         # without a suffix matplotlib would write `output`.png, not the file we name
-        return cli.fail(
+        return fail(
             parser.prog, f"argument --output: {output} must end in .png, .pdf, .svg or another of {sorted(formats)}"
         )
     if args.label is not None and len(args.label) != len(args.folders):
-        return cli.fail(parser.prog, f"argument --label: {len(args.label)} labels for {len(args.folders)} run folders")
+        return fail(parser.prog, f"argument --label: {len(args.label)} labels for {len(args.folders)} run folders")
     if args.max_steps is not None and args.max_steps <= 0:
-        return cli.fail(parser.prog, f"argument --max-steps: must be positive, got {args.max_steps}")
+        return fail(parser.prog, f"argument --max-steps: must be positive, got {args.max_steps}")
     try:
         plot_runs(args.folders, output, args.baseline, args.label, args.max_steps)
     except RunFileError as e:
-        return cli.fail(parser.prog, str(e))
+        return fail(parser.prog, str(e))
     except OSError as e:
         print(f"{parser.prog}: error: cannot write {output}: {os_reason(e)}", file=sys.stderr)
         return 1

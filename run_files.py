@@ -1,7 +1,8 @@
 """
 The files of a run folder (logs/ppo_breakout/<run uuid>/, made by labml): `metrics.jsonl`, one
 JSON line an update, the record that needs no server; and `checkpoints/update_NNNNNNN.pt`, written
-atomically, the newest few kept. `python ppo_breakout.py --resume` and `evaluate` read them here.
+atomically, the newest few kept: the trainer's whole state (`trainer_state`), from which `restore`
+goes on exactly. `python ppo_breakout.py --resume` and `evaluate` read them here.
 
 A trained policy leaves its run as a file of its own (models/breakout_10m.pt is one):
 
@@ -11,6 +12,8 @@ keeps the weights and the settings needed to play them, without Adam's state, th
 or the random state: a few MB that `evaluate` and the notebook play, and that cannot be resumed.
 """
 
+import copy
+import dataclasses
 import io
 import json
 import os
@@ -19,9 +22,14 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
+from labml import lab
+from labml.internal.experiment import experiment_singleton
 
 import ppo_breakout as ppo
+from errors import Parser, fail
+from game import minimal_actions, rom_path
 
 CHECKPOINT_FORMAT = 1  # bumped when the checkpoint's contents change
 POLICY_FORMAT = 1  # the same for an exported policy (export_policy)
@@ -73,14 +81,116 @@ def atomic_save(state: dict, path: Path):
         raise RunFileError(f"cannot write {path}: {os_reason(e)}") from e
 
 
-def save_checkpoint(trainer: "ppo.Trainer", run: Path, keep: int) -> Optional[Path]:
-    """Write `checkpoints/update_NNNNNNN.pt` in the run folder; keep the newest `keep`."""
+# ## The trainer's state: what a checkpoint holds
+
+
+def cuda_rng_state(device: torch.device) -> torch.Tensor:
+    """The random state of `device`'s own CUDA generator, or an empty tensor on the CPU: only the
+    trainer's own, so a checkpoint written where 8 GPUs are visible resumes where there is one."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8)
+
+
+def set_cuda_rng_state(state, device: torch.device):
+    """Restore `cuda_rng_state()` on `device`; nothing on the CPU or from a CPU checkpoint."""
+    if isinstance(state, list):  # checkpoints before: every visible GPU's; the trainer's was the first
+        state = state[0] if state else torch.zeros(0, dtype=torch.uint8)
+    if device.type == "cuda" and state.numel():
+        torch.cuda.set_rng_state(state, device)
+
+
+def rank_state(trainer: "ppo.Trainer") -> dict:
+    """This process's part of a checkpoint: its games in progress (`Game.get_state()`, arrays as
+    tensors), its latest observations and its random state."""
+    for worker in trainer.workers:
+        worker.send(ppo.Command.GET_STATE)
+    games = [worker.receive() for worker in trainer.workers]
+    as_tensors = [{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in g.items()} for g in games]
+    return {
+        "games": as_tensors,
+        "obs": torch.from_numpy(trainer.obs.copy()),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": cuda_rng_state(trainer.device),
+    }
+
+
+def trainer_state(trainer: "ppo.Trainer", ranks: Optional[List[dict]] = None) -> dict:
+    """Everything needed to go on exactly: the weights, Adam's state, the counters, the dynamic
+    hyperparameters' current values, every rank's games in progress and random state (`ranks`,
+    every rank's `rank_state()` gathered at a checkpoint; by default this process's alone). Plain
+    types and tensors only, so `torch.load(weights_only=True)` reads it without running code."""
+    ranks = ranks if ranks is not None else [rank_state(trainer)]
+    configs = dataclasses.asdict(trainer.configs)
+    configs.update({name: hyperparam() for name, hyperparam in trainer.hyperparams.items()})
+    optimizer = trainer.optimizer.state_dict()
+    for group in optimizer["param_groups"]:
+        # a float, not the CUDA graph's device tensor, so the checkpoint loads on any device
+        group.update(lr=float(group["lr"]), capturable=False)
+    return {
+        "configs": configs,
+        "n_actions": trainer.model.pi_logits.out_features,
+        "model": trainer.model.state_dict(),
+        "optimizer": optimizer,
+        "update": trainer.update,
+        "env_steps": trainer.env_steps,
+        "optimizer_steps": trainer.optimizer_steps,
+        "episode_rewards": list(trainer.episode_rewards),
+        "episode_lengths": list(trainer.episode_lengths),
+        "torch_rng": ranks[0]["torch_rng"],
+        "cuda_rng": ranks[0]["cuda_rng"],
+        "ranks": ranks,
+    }
+
+
+def restore(trainer: "ppo.Trainer", state: dict) -> bool:
+    """Go on from `state` (`trainer_state()`'s) in a new trainer started at its update: the weights,
+    Adam's state, the counters, the last 100 games and the random state; then this rank's games in
+    progress and random state, where the checkpoint has games that fit this run (else one line says
+    why, and the trainer's new games go on). True if the games resumed."""
+    state = copy.deepcopy(state)  # Adam adopts the tensors it is given: training must not alter `state`
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.update, trainer.env_steps = state["update"], state["env_steps"]
+    trainer.optimizer_steps = state["optimizer_steps"]
+    trainer.episode_rewards.extend(state["episode_rewards"])
+    trainer.episode_lengths.extend(state["episode_lengths"])
+    torch.set_rng_state(state["torch_rng"])
+    set_cuda_rng_state(state["cuda_rng"], trainer.device)
+
+    ranks, world = state.get("ranks"), trainer.partner.world_size
+    if ranks is None:
+        why = "it holds none (it was written before games were saved)"
+    elif len(ranks) != world or any(len(r["games"]) != trainer.n_workers for r in ranks):
+        saved = f"{len(ranks)} rank(s) x {len(ranks[0]['games'])} workers"
+        why = f"its games are {saved}, this run's {world} x {trainer.n_workers}"
+    else:
+        why = None
+    if why is not None:
+        print(f"Starting new games, not the checkpoint's: {why}")
+        return False
+    mine = ranks[trainer.partner.rank]
+    for worker, game in zip(trainer.workers, mine["games"]):
+        state = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in game.items()}
+        worker.send(ppo.Command.SET_STATE, state)
+    for i, worker in enumerate(trainer.workers):
+        worker.receive()
+        trainer.obs[i] = worker.obs
+    torch.set_rng_state(mine["torch_rng"])
+    set_cuda_rng_state(mine["cuda_rng"], trainer.device)
+    return True
+
+
+# ## The run folder's files
+
+
+def save_checkpoint(trainer: "ppo.Trainer", run: Path, keep: int, ranks: Optional[List[dict]] = None) -> Optional[Path]:
+    """Write `checkpoints/update_NNNNNNN.pt` in the run folder (with every rank's games, `ranks`);
+    keep the newest `keep`."""
     if trainer.update == 0:
         return None
     folder = run / "checkpoints"
     folder.mkdir(exist_ok=True)
     path = folder / f"update_{trainer.update:07d}.pt"
-    atomic_save({"format": CHECKPOINT_FORMAT, **trainer.state_dict()}, path)
+    atomic_save({"format": CHECKPOINT_FORMAT, **trainer_state(trainer, ranks)}, path)
     for old in sorted(folder.glob("update_*.pt"))[:-keep]:
         old.unlink()
     return path
@@ -119,9 +229,9 @@ def load_checkpoint(path, game: Optional[str] = None, data: Optional[bytes] = No
             f"{path} is not a ppo_breakout checkpoint (format {CHECKPOINT_FORMAT}) or policy (format {POLICY_FORMAT})"
         )
     game = game or state["configs"]["game"]
-    if ppo.rom_path(game) is None:
+    if rom_path(game) is None:
         raise CheckpointError(f"ale-py ships no ROM named {game!r}")
-    n_actions = len(ppo.minimal_actions(game))
+    n_actions = len(minimal_actions(game))
     if state["n_actions"] != n_actions:
         raise CheckpointError(
             f"checkpoint {path} has a policy with {state['n_actions']} actions, but {game} has {n_actions}"
@@ -157,8 +267,6 @@ JOB_FILE = "torchrun_job"  # in a run folder a torchrun job made: the job's name
 
 def job_checkpoint(job: str) -> Optional[str]:
     """The newest checkpoint of the torchrun job `job` (over all the run folders it made), or None."""
-    from labml import lab
-
     runs = [
         f.parent for f in Path(lab.get_experiments_path()).glob(f"ppo_breakout/*/{JOB_FILE}") if f.read_text() == job
     ]
@@ -192,8 +300,6 @@ class RunFolder:
     checkpoint's update, so its metrics.jsonl and curve.png show the whole run from update 1."""
 
     def __init__(self, run_settings: "ppo.RunSettings", checkpoint: Optional[dict] = None, partner=None):
-        from labml.internal.experiment import experiment_singleton
-
         run = experiment_singleton().run
         self.path = Path(run.run_path)
         self.run_settings, self.resumed = run_settings, checkpoint is not None
@@ -218,17 +324,18 @@ class RunFolder:
                 if line.strip() and json.loads(line)["update"] <= update:
                     history.write(line if line.endswith("\n") else line + "\n")
 
-    def keep(self, trainer: "ppo.Trainer", stats: Dict[str, float]) -> bool:
-        """Write the update's metrics and, every `checkpoint_every` updates and at the end however
-        the run ends, a checkpoint; True when it wrote one."""
+    def keep(self, trainer: "ppo.Trainer", stats: Dict[str, float], ranks: Optional[List[dict]] = None) -> bool:
+        """Write the update's metrics and, where every rank's part of a checkpoint is given
+        (`ranks`: every `checkpoint_every` updates, and at the end however the run ends), the
+        checkpoint; True when it wrote one."""
         if self.continues is not None and not self.updates_kept:
             self.continue_metrics(*self.continues)
         write_metrics(self.path, trainer, stats)
         self.updates_kept += 1
         if self.job is not None and not (self.path / JOB_FILE).exists():
             (self.path / JOB_FILE).write_text(self.job)
-        if trainer.checkpointing:
-            save_checkpoint(trainer, self.path, self.run_settings.keep_checkpoints)
+        if ranks is not None:
+            save_checkpoint(trainer, self.path, self.run_settings.keep_checkpoints, ranks)
             return True
         return False
 
@@ -246,11 +353,7 @@ class RunFolder:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """`python ppo_breakout.py export CHECKPOINT OUT`: see export_policy."""
-    import argparse
-
-    import cli
-
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ppo_breakout.py export",
         description="Write a checkpoint's policy (weights and settings, no optimizer state or games) to its own "
         "file, which evaluate and the notebook play.",
@@ -259,13 +362,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("out", type=Path, help="the policy file to write, such as models/breakout_10m.pt")
     args = parser.parse_args(argv)
     if args.out.suffix != ".pt":
-        return cli.fail(parser.prog, f"argument out: {args.out} must end in .pt")
+        return fail(parser.prog, f"argument out: {args.out} must end in .pt")
     if not args.out.resolve().parent.is_dir():
-        return cli.fail(parser.prog, f"argument out: folder {args.out.parent} does not exist")
+        return fail(parser.prog, f"argument out: folder {args.out.parent} does not exist")
     try:
         policy = export_policy(args.checkpoint, args.out)
     except CheckpointError as e:
-        return cli.fail(parser.prog, str(e))
+        return fail(parser.prog, str(e))
     except RunFileError as e:  # the file could not be written
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1

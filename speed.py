@@ -4,15 +4,17 @@ fast. Each piece is switched by a run setting and measured in docs/speed.md. Thi
 torch and nothing of the project's, so the experiment reads as the algorithm and calls these
 through one small interface each:
 
+- `paths`: which of them a trainer on a device takes, set up for it;
 - `TrainStep`: one minibatch's gradient step, run eagerly or replayed as a CUDA graph;
 - `Forward`: the rollout's forward pass, eagerly or as a CUDA graph per batch size;
-- `autocast_dtype`: bf16 autocast only where the hardware computes bf16 natively;
+- `autocast_dtype` and `autocast`: bf16 autocast only where the hardware computes bf16 natively;
 - `reuse_freed_memory` and `torch_threads`: the allocator's and the rollout's thread settings.
 """
 
 import contextlib
+import dataclasses
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -30,6 +32,20 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
         flags = Path("/proc/cpuinfo").read_text()
         return torch.bfloat16 if "avx512_bf16" in flags or "amx_bf16" in flags else None
     return None
+
+
+def paths(device: torch.device, precision: str, reuse: bool, graphs: bool) -> Tuple[Optional[torch.dtype], bool, bool]:
+    """The speed paths a trainer on `device` takes: (its autocast dtype or None, whether freed
+    memory is kept, whether it records CUDA graphs), set up for it."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # two input shapes: time cuDNN's kernels once for each
+    return autocast_dtype(precision, device), reuse and reuse_freed_memory(), graphs and device.type == "cuda"
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype], graphs: bool):
+    """Autocast to `dtype` on `device` (None: off). A CUDA graph casts the weights at every replay:
+    no cached casts there."""
+    return torch.autocast(device.type, dtype, enabled=dtype is not None, cache_enabled=not graphs)
 
 
 def reuse_freed_memory() -> bool:
@@ -110,46 +126,49 @@ class Forward:
 
 
 class TrainStep:
-    """One minibatch's gradient step: `step(samples, indexes, lr, dynamic) -> statistics` gathers
-    the rows `indexes` of `samples`, sets the optimizer's learning rate to `lr`, and calls
-    `fn(minibatch, **dynamic)`, which takes the step and returns a tensor of statistics. The
-    dynamic values are floats here."""
+    """One minibatch's gradient step: `step(samples, indexes, coefficients) -> statistics` gathers
+    the rows `indexes` of `samples`, sets the optimizer's learning rate to
+    `coefficients.learning_rate`, and calls `fn(minibatch, coefficients)`, which takes the step and
+    returns a tensor of statistics. `coefficients` is a dataclass of floats."""
 
     def __init__(self, fn: Callable, optimizer: torch.optim.Optimizer):
         self.fn, self.optimizer = fn, optimizer
 
-    def __call__(self, samples: Dict[str, torch.Tensor], indexes: torch.Tensor, lr: float, dynamic: Dict[str, float]):
+    def __call__(self, samples: Dict[str, torch.Tensor], indexes: torch.Tensor, coefficients):
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = coefficients.learning_rate
         mini_batch = {k: gather_rows(v, indexes) for k, v in samples.items()}
-        return self.fn(mini_batch, **dynamic)
+        return self.fn(mini_batch, coefficients)
 
 
 class GraphedTrainStep(TrainStep):
     """The same step replayed as a CUDA graph, recorded at the first call: the minibatch is gathered
-    into the graph's input buffers, and the learning rate and the dynamic values into device
-    tensors the graph reads (`fn` gets them as zero-dimensional tensors). The optimizer's learning
-    rate becomes a device tensor and its step `capturable`; a checkpoint saves them as before."""
+    into the graph's input buffers, and the coefficients are copied into device tensors the graph
+    reads (`fn` gets a copy of the dataclass holding zero-dimensional tensors: a graph replays what
+    it read at capture). The optimizer's learning rate becomes a device tensor and its step
+    `capturable`; a checkpoint saves them as before."""
 
     def __init__(self, fn: Callable, optimizer: torch.optim.Optimizer, mini_batch_size: int):
         super().__init__(fn, optimizer)
         self.mini_batch_size = mini_batch_size
         self.graph: Optional[CudaGraph] = None
-        self.values: Optional[Dict[str, float]] = None  # the values the graph's tensors hold
+        self.tensors = None  # the coefficients as the graph reads them
+        self.values = None  # the coefficients the graph's tensors hold
 
-    def _record(self, samples: Dict[str, torch.Tensor], dynamic_names: List[str]):
+    def _record(self, samples: Dict[str, torch.Tensor], coefficients):
         group = self.optimizer.param_groups[0]
         device = next(iter(samples.values())).device
         group["lr"] = torch.tensor(float(group["lr"]), device=device)
         group["capturable"] = True
         inputs = {k: v[: self.mini_batch_size].clone() for k, v in samples.items()}
-        inputs.update({name: torch.zeros((), device=device) for name in dynamic_names})
+        zeros = {field.name: torch.zeros((), device=device) for field in dataclasses.fields(coefficients)}
+        self.tensors = dataclasses.replace(coefficients, **zeros)
         # the capture's warm-up takes real steps: put the weights and Adam's state back after it
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         weights = [p.detach().clone() for p in params]
         state = self.optimizer.state
         moments = {p: {k: v.clone() for k, v in state[p].items()} for p in state}
-        self.graph = CudaGraph(lambda x: self.fn(x, **{name: x[name] for name in dynamic_names}), inputs)
+        self.graph = CudaGraph(lambda x: self.fn(x, self.tensors), inputs)
         with torch.no_grad():
             for p, w in zip(params, weights):
                 p.copy_(w)
@@ -159,17 +178,16 @@ class GraphedTrainStep(TrainStep):
                     else:  # there was no state yet: a fresh Adam
                         v.zero_()
 
-    def __call__(self, samples: Dict[str, torch.Tensor], indexes: torch.Tensor, lr: float, dynamic: Dict[str, float]):
+    def __call__(self, samples: Dict[str, torch.Tensor], indexes: torch.Tensor, coefficients):
         if self.graph is None:
-            self._record(samples, list(dynamic))
+            self._record(samples, coefficients)
         inputs = self.graph.inputs
         for k, v in samples.items():
             torch.index_select(v, 0, indexes, out=inputs[k])
-        values = {"learning_rate": lr, **dynamic}
-        if values != self.values:  # a fill is a kernel launch: only on a change
-            self.optimizer.param_groups[0]["lr"].fill_(lr)
-            for name, value in dynamic.items():
-                inputs[name].fill_(value)
-            self.values = values
+        if coefficients != self.values:  # a fill is a kernel launch: only on a change
+            self.optimizer.param_groups[0]["lr"].fill_(coefficients.learning_rate)
+            for field in dataclasses.fields(coefficients):
+                getattr(self.tensors, field.name).fill_(getattr(coefficients, field.name))
+            self.values = coefficients
         # a copy: the graph's output tensors are overwritten at the next replay
         return self.graph().clone()

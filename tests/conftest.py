@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # the files `python ppo_breakout.py` needs beside it
-from cli import flag_of  # noqa: E402
-from ppo_breakout import SCRIPT_FILES  # noqa: E402
+from cli import SCRIPT_FILES, flag_of  # noqa: E402
+from ppo_breakout import Trainer, settings  # noqa: E402
+from run_files import restore  # noqa: E402
 
 # The one configuration the tests train with: the smallest that still has several workers,
 # several minibatches and several samples per minibatch.
@@ -36,6 +37,18 @@ def flags(config: dict) -> List[str]:
 
 
 TINY_FLAGS = flags(TINY)
+
+
+def resumed_trainer(state: dict, **overrides) -> Trainer:
+    """A Trainer that goes on from the checkpoint `state` as `--resume` does: with the checkpoint's
+    configuration, `overrides` given over it."""
+    trainer = Trainer(*settings(**{**state["configs"], **overrides}), first_update=state["update"])
+    try:
+        restore(trainer, state)
+    except BaseException:
+        trainer.destroy()
+        raise
+    return trainer
 # a run far longer than any test waits for: the tests stop it
 LONG_RUN = ["--updates", "100000", *TINY_FLAGS]
 

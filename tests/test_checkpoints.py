@@ -16,15 +16,18 @@ from conftest import (
     TINY_FLAGS,
     copy_script,
     files_of_at_most,
+    resumed_trainer,
     run_main,
     run_python,
     start_in_own_session,
     wait_for,
 )
 
+import cli
 import ppo_breakout
-from ppo_breakout import Trainer
-from run_files import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+import run_files
+from ppo_breakout import Trainer, settings
+from run_files import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint, trainer_state
 
 
 def _equal_states(a, b):
@@ -38,9 +41,9 @@ def _equal_states(a, b):
 
 
 def test_save_load_and_resume_go_on_from_the_saved_update(tmp_path):
-    with Trainer(updates=3, **TINY) as trainer:
+    with Trainer(*settings(updates=3, **TINY)) as trainer:
         trainer.learning_rate.set_value(3e-4)  # a dashboard change must survive the resume
-        trainer.run_training_loop(lambda stats: save_checkpoint(trainer, tmp_path, keep=2))
+        trainer.run_training_loop(lambda stats, last: save_checkpoint(trainer, tmp_path, keep=2))
         saved_model = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         saved_optimizer = trainer.optimizer.state_dict()
         saved_rewards = list(trainer.episode_rewards)
@@ -51,7 +54,7 @@ def test_save_load_and_resume_go_on_from_the_saved_update(tmp_path):
 
     losses = []
     for _ in range(2):  # the same checkpoint resumed twice gives the same next-update losses
-        with Trainer(updates=4, checkpoint=state, **TINY) as resumed:
+        with resumed_trainer(state, updates=4, **TINY) as resumed:
             assert resumed.update == 3 and resumed.env_steps == 3 * 32
             assert _equal_states(resumed.model.state_dict(), saved_model)
             assert _equal_states(resumed.optimizer.state_dict(), saved_optimizer)
@@ -82,7 +85,7 @@ def resume(folder, monkeypatch, *args) -> int:
     """`python ppo_breakout.py *args` in `folder`, its main() called here: these all stop at the
     flags, before anything starts."""
     monkeypatch.chdir(folder)
-    return run_main(ppo_breakout.main, *args)
+    return run_main(cli.main, *args)
 
 
 @pytest.mark.parametrize(
@@ -222,15 +225,15 @@ def test_only_the_trainers_own_cuda_generator_is_saved_and_restored(monkeypatch)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(("all", len(states))))
     eight = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
-    ppo_breakout.set_cuda_rng_state(eight, torch.device("cuda:0"))
+    run_files.set_cuda_rng_state(eight, torch.device("cuda:0"))
     assert len(restored) == 1 and torch.equal(restored[0][0], eight[0]) and restored[0][1] == torch.device("cuda:0")
     # on the CPU nothing is restored, from either kind of checkpoint, and nothing is saved
     restored.clear()
-    ppo_breakout.set_cuda_rng_state(eight, torch.device("cpu"))
-    ppo_breakout.set_cuda_rng_state(torch.zeros(0, dtype=torch.uint8), torch.device("cpu"))
-    assert restored == [] and ppo_breakout.cuda_rng_state(torch.device("cpu")).numel() == 0
-    with Trainer(updates=1, **TINY) as trainer:
-        state = trainer.state_dict()
+    run_files.set_cuda_rng_state(eight, torch.device("cpu"))
+    run_files.set_cuda_rng_state(torch.zeros(0, dtype=torch.uint8), torch.device("cpu"))
+    assert restored == [] and run_files.cuda_rng_state(torch.device("cpu")).numel() == 0
+    with Trainer(*settings(updates=1, **TINY)) as trainer:
+        state = trainer_state(trainer)
     state["cuda_rng"] = eight  # as the 8-GPU machine wrote it, before
-    with Trainer(checkpoint=state, **TINY) as resumed:
+    with resumed_trainer(state, **TINY) as resumed:
         assert resumed.update == 0 and restored == []

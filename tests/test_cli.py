@@ -27,7 +27,7 @@ from conftest import (
     wait_for_first_update,
 )
 
-import ppo_breakout
+import cli
 
 BAD_INPUTS = [
     (["--updates", "0"], "--updates", "positive"),
@@ -65,7 +65,7 @@ if not torch.cuda.is_available():
 def test_bad_input_exits_2_naming_the_flag_and_starts_nothing(script_dir, monkeypatch, capsys, args, flag, problem):
     # the entry point's own main(), called here: the command line below shows it is the script's
     monkeypatch.chdir(script_dir)
-    assert run_main(ppo_breakout.main, *args) == 2
+    assert run_main(cli.main, *args) == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert flag in last_line and problem in last_line, last_line
     assert not (script_dir / "logs").exists(), "no run folder may be written"

@@ -7,10 +7,11 @@ kernels and agree to rounding (cuDNN's autotuner may still pick different ones f
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, resumed_trainer
 
 import speed
-from ppo_breakout import STATS, Trainer
+from ppo_breakout import STATS, Trainer, settings
+from run_files import trainer_state
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
@@ -33,7 +34,7 @@ def test_a_graphed_update_trains_as_the_eager_one():
     updates, the second with other dynamic values. Fails if the capture's warm-up steps stay in
     the weights or in Adam's moments, or a changed learning rate or clip range does not reach
     the graph."""
-    with Trainer(cuda_graphs=False, **GPU) as eager, Trainer(cuda_graphs=True, **GPU) as graphed:
+    with Trainer(*settings(cuda_graphs=False, **GPU)) as eager, Trainer(*settings(cuda_graphs=True, **GPU)) as graphed:
         assert not eager.graphs and graphed.graphs
         assert_close(weights(eager), weights(graphed))
         samples = eager.sample()
@@ -59,7 +60,7 @@ def test_a_graphed_rollout_records_what_the_model_says():
     """Each recorded value and log-probability is the model's, eagerly, on the recorded frames
     and actions (fails if a replay reads stale frames), and the actions are random draws (fails
     if each replay reuses the same random numbers)."""
-    with Trainer(cuda_graphs=True, **GPU) as trainer:
+    with Trainer(*settings(cuda_graphs=True, **GPU)) as trainer:
         samples = trainer.sample()
         assert sorted(trainer.act.recorded) == [2]  # one graph, for a step's batch of 2 workers
         with torch.no_grad():
@@ -73,17 +74,17 @@ def test_a_graphed_rollout_records_what_the_model_says():
 def test_a_graphed_run_resumes_from_its_checkpoint_on_the_gpu_and_the_cpu():
     """A checkpoint of a graphed trainer holds a plain learning rate; a graphed trainer resumed from
     it (its capture's warm-up undone on loaded Adam moments) trains as the original goes on."""
-    with Trainer(cuda_graphs=True, **GPU) as first:
+    with Trainer(*settings(cuda_graphs=True, **GPU)) as first:
         samples = first.sample()
         first.train(samples)
-        state = first.state_dict()
+        state = trainer_state(first)
         assert isinstance(state["optimizer"]["param_groups"][0]["lr"], float)
-        with Trainer(checkpoint=state, cuda_graphs=True, **GPU) as resumed:
+        with resumed_trainer(state, cuda_graphs=True, **GPU) as resumed:
             for trainer in (first, resumed):
                 torch.manual_seed(7)
                 trainer.train(samples)
             assert_close(weights(first), weights(resumed))
     cpu = {**GPU, "device": "cpu"}
-    with Trainer(checkpoint=state, **cpu) as on_cpu:
+    with resumed_trainer(state, **cpu) as on_cpu:
         assert on_cpu.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
         on_cpu.train({k: v.cpu() for k, v in samples.items()})

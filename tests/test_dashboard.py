@@ -28,7 +28,7 @@ from conftest import (
     wait_for,
 )
 
-import ppo_breakout
+import cli
 
 ARTIFACTS = ROOT / "test-artifacts"
 # one minibatch an update: quick updates, so a change shows soon, whatever epochs the dashboard sets
@@ -295,14 +295,14 @@ def test_without_a_dashboard_training_says_so_in_one_line_and_goes_on(short_cli_
 def test_the_dashboard_refuses_an_address_it_cannot_listen_on(capsys, ip, problem):
     # `python ppo_breakout.py dashboard --ip IP`, its main() called here (the server above is
     # started by the real command line)
-    assert run_main(ppo_breakout.main, "dashboard", "--ip", ip) == 2
+    assert run_main(cli.main, "dashboard", "--ip", ip) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ppo_breakout.py dashboard: error: argument --ip: "), lines
     assert problem in lines[0], lines
 
 
 def test_the_dashboard_refuses_a_port_in_use(dashboard, capsys):
-    assert run_main(ppo_breakout.main, "dashboard", "--port", str(dashboard["port"])) == 2
+    assert run_main(cli.main, "dashboard", "--port", str(dashboard["port"])) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"ppo_breakout.py dashboard: error: argument --port: 127.0.0.1:{dashboard['port']} is already in use"
     ]

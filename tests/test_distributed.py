@@ -82,11 +82,11 @@ def test_the_ranks_keep_identical_weights_count_every_ranks_games_and_take_a_das
         gather = ranks.all_games
         ranks.all_games = lambda games: (local.append(list(games)), gather(games))[1]
         # 200 steps a worker: games of a random policy end in that time
-        trainer = ppo.Trainer(partner=ranks, **dict({TINY!r}, worker_steps=200, batches=4))
+        trainer = ppo.Trainer(*ppo.settings(**dict({TINY!r}, worker_steps=200, batches=4)), partner=ranks)
         torch.manual_seed(ranks.rank)  # each rank its own actions, as distributed.main does
         used = [trainer.train(trainer.sample())["clip_range"]]
         if ranks.rank == 0:
-            ranks.live["clip_range"].set_value(0.2)  # what labml does with a change from the dashboard
+            trainer.clip_range.set_value(0.2)  # what labml does with a change from the dashboard
         used.append(trainer.train(trainer.sample())["clip_range"])
         weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
         everyone = [None] * 2
@@ -119,14 +119,16 @@ def test_a_minibatch_step_with_two_ranks_equals_one_process_on_the_same_samples(
             log_pis=torch.log(torch.rand(64) * 0.5 + 0.1),
             advantages=torch.randn(64) * 2 + 0.5,
         )
-        dynamic = dict(clip_range=0.1, value_loss_coef=0.5, entropy_bonus_coef=0.01)
+        coefficients = ppo.Coefficients(
+            learning_rate=1e-3, clip_range=0.1, value_loss_coef=0.5, entropy_bonus_coef=0.01
+        )
         half = {{k: v[32 * ranks.rank : 32 * (ranks.rank + 1)] for k, v in batch.items()}}
-        with ppo.Trainer(partner=ranks, **config) as shared:
-            shared._train_step(half, **dynamic)
+        with ppo.Trainer(*ppo.settings(**config), partner=ranks) as shared:
+            shared._train_step(half, coefficients)
             weights = torch.cat([p.detach().flatten() for p in shared.model.parameters()])
         if ranks.rank == 0:
-            with ppo.Trainer(**config) as alone:  # the same initial weights, from the same seed
-                alone._train_step(batch, **dynamic)
+            with ppo.Trainer(*ppo.settings(**config)) as alone:  # the same initial weights, from the same seed
+                alone._train_step(batch, coefficients)
                 expected = torch.cat([p.detach().flatten() for p in alone.model.parameters()])
             print("max difference", (weights - expected).abs().max().item())
             assert torch.allclose(weights, expected, rtol=1e-4, atol=1e-6)

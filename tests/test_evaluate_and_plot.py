@@ -19,6 +19,7 @@ from conftest import (
     wait_for,
 )
 
+import cli
 import ppo_breakout
 from evaluate import play_game
 from plots import PLOT_DPI, PLOT_SIZE, plot_runs
@@ -71,7 +72,7 @@ def test_game_i_is_seeded_as_the_help_says(short_run, evaluated, capsys):
     # used; not SeedSequence([seed, i]), as the docstring and README once said
     assert seeds == [int(s) for s in np.random.SeedSequence([7, 0]).generate_state(2)]
     assert seeds[1] != int(np.random.SeedSequence([7, 1]).generate_state(1)[0])
-    assert run_main(ppo_breakout.main, "evaluate", "--help") == 0
+    assert run_main(cli.main, "evaluate", "--help") == 0
     assert "SeedSequence([SEED, 0]).generate_state(EPISODES)[i]" in " ".join(capsys.readouterr().out.split())
 
 
@@ -177,7 +178,7 @@ def test_the_interquartile_mean_and_its_interval_are_scipy_s_on_the_printed_scor
 
 
 def test_one_game_has_an_interquartile_mean_but_says_it_has_no_interval(short_run, capsys):
-    assert run_main(ppo_breakout.main, "evaluate", str(short_run), "--episodes", "1", "--seed", "7") == 0
+    assert run_main(cli.main, "evaluate", str(short_run), "--episodes", "1", "--seed", "7") == 0
     out = capsys.readouterr().out
     ((_, score, _),) = game_lines(out)
     assert f"IQM:        {score:.2f}  (no confidence interval from one game)" in out.splitlines()
@@ -228,7 +229,7 @@ def test_bad_paths_exit_2_with_one_line(short_run, tmp_path, monkeypatch, capsys
     # the entry point's own main(), called here: the command line below shows it is the script's
     args = [a.format(run=short_run, empty=tmp_path) for a in args]
     monkeypatch.chdir(tmp_path)
-    assert run_main(ppo_breakout.main, *args) == 2
+    assert run_main(cli.main, *args) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and problem in lines[0], lines
     assert lines[0].startswith(f"ppo_breakout.py {args[0]}: error: "), lines
@@ -261,7 +262,7 @@ def test_a_video_or_plot_that_cannot_be_written_is_an_error_not_a_cut_file(short
 
 @pytest.mark.parametrize("tool", ["evaluate", "plot"])
 def test_help_states_each_default_once(tool, capsys):
-    assert run_main(ppo_breakout.main, tool, "--help") == 0
+    assert run_main(cli.main, tool, "--help") == 0
     # an option's entry runs from its flag at the line's start to the next one
     entries = re.split(r"\n  (?=-)", capsys.readouterr().out.split("options:")[1])
     for entry in entries:
@@ -273,7 +274,7 @@ def test_plot_writes_a_png_of_the_right_size(short_run, tmp_path, capsys):
     # `python ppo_breakout.py plot ...`, its main() called here
     output = tmp_path / "curve.png"
     args = ["plot", str(short_run), str(short_run), "-o", str(output), "--baseline", "1.2"]
-    assert run_main(ppo_breakout.main, *args) == 0
+    assert run_main(cli.main, *args) == 0
     assert capsys.readouterr().out.strip() == f"wrote {output}"
     image = matplotlib.image.imread(output)
     assert image.shape[:2] == (PLOT_SIZE[1] * PLOT_DPI, PLOT_SIZE[0] * PLOT_DPI)

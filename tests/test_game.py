@@ -3,8 +3,8 @@ import cv2
 import numpy as np
 import pytest
 
-import ppo_breakout
-from ppo_breakout import FRAME_SIZE, FRAME_SKIP, FRAME_STACK, NOOP_MAX, OBS_SHAPE, Game, minimal_actions, rom_path
+import game
+from game import FRAME_SIZE, FRAME_SKIP, FRAME_STACK, NOOP_MAX, OBS_SHAPE, Game, minimal_actions, rom_path
 
 
 def test_breakout_has_its_four_minimal_actions():
@@ -220,7 +220,7 @@ def test_the_frame_cap_ends_a_game_that_still_has_lives(monkeypatch):
     assert Game(seed=0).ale.getInt("max_num_frames_per_episode") == 108_000
     cap = 400  # NOOP play loses a life about every 100 frames: 2 of 5 are left at the cap
     uncapped = Game(seed=14, clip_rewards=False)
-    monkeypatch.setattr(ppo_breakout, "MAX_FRAMES", cap)  # Game reads it when it is made
+    monkeypatch.setattr(game, "MAX_FRAMES", cap)  # Game reads it when it is made
     capped = Game(seed=14, clip_rewards=False)
     assert capped.ale.getInt("max_num_frames_per_episode") == cap
     capped.reset(), uncapped.reset()

@@ -1,4 +1,5 @@
-"""The README's flag table is `python ppo_breakout.py --help`: the same flags, defaults and help."""
+"""docs/flags.md's flag table is `python ppo_breakout.py --help`: the same flags, defaults and help;
+the README's two commands run on a fresh image, and CI runs the second."""
 
 import argparse
 import re
@@ -10,10 +11,10 @@ import cli
 
 
 def readme_flag_rows() -> dict:
-    """{flag: (default, help)} from the rows of the README's "## Flags" table."""
-    text = (ROOT / "README.md").read_text()
+    """{flag: (default, help)} from the rows of docs/flags.md's "## Flags" table."""
+    text = (ROOT / "docs" / "flags.md").read_text()
     section = re.search(r"^## Flags\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
-    assert section, "the README has no '## Flags' section"
+    assert section, "docs/flags.md has no '## Flags' section"
     rows = {}
     for line in section.group(1).splitlines():
         row = re.fullmatch(r"\|\s*`(--[\w-]+)`\s*\|(.*?)\|(.*)\|\s*", line)
@@ -38,16 +39,16 @@ def parser_flags() -> dict:
 
 def test_the_readme_lists_every_flag_and_only_those():
     readme, parser = set(readme_flag_rows()), set(parser_flags())
-    assert readme == parser, f"missing from the README: {sorted(parser - readme)}; not flags: {sorted(readme - parser)}"
+    assert readme == parser, f"missing from flags.md: {sorted(parser - readme)}; not flags: {sorted(readme - parser)}"
 
 
 @pytest.mark.parametrize("flag", sorted(parser_flags()))
 def test_each_readme_row_has_the_flags_default_and_help(flag):
     rows = readme_flag_rows()
-    assert flag in rows, f"{flag} has no row in the README"
+    assert flag in rows, f"{flag} has no row in docs/flags.md"
     default, help = parser_flags()[flag]
-    assert rows[flag][0] == default, f"{flag}: README default {rows[flag][0]!r}, --help {default!r}"
-    assert rows[flag][1] == help, f"{flag}: README help {rows[flag][1]!r}, --help {help!r}"
+    assert rows[flag][0] == default, f"{flag}: docs/flags.md default {rows[flag][0]!r}, --help {default!r}"
+    assert rows[flag][1] == help, f"{flag}: docs/flags.md help {rows[flag][1]!r}, --help {help!r}"
 
 
 def test_the_readmes_two_commands_run_on_a_fresh_image_and_ci_runs_the_second_word_for_word():

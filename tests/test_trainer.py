@@ -9,14 +9,15 @@ import torch
 from conftest import ROOT, TINY
 from torch.distributions import Categorical
 
-from ppo_breakout import Game, Model, Trainer
+from game import Game
+from ppo_breakout import Model, Trainer, settings
 from run_files import write_metrics
 from speed import gather_rows, torch_threads
 
 
 def test_one_update_end_to_end_on_the_cpu(tmp_path):
-    with Trainer(updates=1, **TINY) as trainer:
-        trainer.run_training_loop(lambda stats: write_metrics(tmp_path, trainer, stats))
+    with Trainer(*settings(updates=1, **TINY)) as trainer:
+        trainer.run_training_loop(lambda stats, last: write_metrics(tmp_path, trainer, stats))
         assert trainer.update == 1 and trainer.env_steps == 32
         assert trainer.device.type == "cpu"
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
@@ -35,7 +36,7 @@ def test_one_update_end_to_end_on_the_cpu(tmp_path):
 
 
 def test_sample_shapes_and_dtypes():
-    with Trainer(**TINY) as trainer:
+    with Trainer(*settings(**TINY)) as trainer:
         samples = trainer.sample()
     assert samples["obs"].shape == (32, 4, 84, 84) and samples["obs"].dtype == torch.uint8
     for key in ("actions", "values", "log_pis", "advantages"):
@@ -46,10 +47,10 @@ def test_sample_shapes_and_dtypes():
 def test_same_seed_twice_gives_the_same_losses():
     results = []
     for _ in range(2):
-        with Trainer(**TINY) as trainer:
+        with Trainer(*settings(**TINY)) as trainer:
             results.append([trainer.train(trainer.sample()) for _ in range(2)])
     assert results[0] == results[1]
-    with Trainer(**{**TINY, "seed": 6}) as trainer:
+    with Trainer(*settings(**{**TINY, "seed": 6})) as trainer:
         other = [trainer.train(trainer.sample()) for _ in range(2)]
     assert other != results[0]
 
@@ -58,7 +59,7 @@ def test_same_seed_twice_gives_the_same_losses():
 def test_the_rollout_uses_rollout_threads_and_training_all_of_torchs(rollout_threads, expected):
     torch.set_num_threads(2)
     seen = []
-    with Trainer(rollout_threads=rollout_threads, **TINY) as trainer:
+    with Trainer(*settings(rollout_threads=rollout_threads, **TINY)) as trainer:
         forward = trainer.model.forward
 
         def recording(obs):
@@ -77,7 +78,7 @@ def test_the_rollout_pairs_each_game_observation_with_its_action_and_outcome():
     # each worker's game is replayed here with its own seed and the actions the rollout recorded:
     # it must see the same frames, rewards and ends. 400 steps a worker: long enough for rewards,
     # lost lives, a game's end and the next game's first frames (a random game lasts ~200 steps)
-    with Trainer(**dict(TINY, worker_steps=400)) as trainer:
+    with Trainer(*settings(**dict(TINY, worker_steps=400))) as trainer:
         trainer.sample()
         n, t = trainer.n_workers, trainer.worker_steps
         seeds = np.random.SeedSequence(TINY["seed"]).generate_state(n)
@@ -109,7 +110,7 @@ def test_the_rollout_pairs_each_game_observation_with_its_action_and_outcome():
 
 
 def test_a_changed_dynamic_hyperparameter_is_used_by_the_next_update():
-    with Trainer(**TINY) as trainer:
+    with Trainer(*settings(**TINY)) as trainer:
         trainer.epochs.set_value(1)
         trainer.train(trainer.sample())
         one_epoch = trainer.optimizer_steps
@@ -122,7 +123,7 @@ def test_a_changed_dynamic_hyperparameter_is_used_by_the_next_update():
 
 
 def test_clip_range_is_read_at_every_minibatch():
-    with Trainer(**TINY) as trainer:
+    with Trainer(*settings(**TINY)) as trainer:
         samples = trainer.sample()
         seen = []
         original = trainer.ppo_loss.forward
@@ -139,7 +140,7 @@ def test_clip_range_is_read_at_every_minibatch():
 
 
 def test_the_policy_update_raises_the_probability_of_an_action_with_positive_advantage():
-    with Trainer(**{**TINY, "entropy_bonus_coef": 0.0, "value_loss_coef": 0.0, "epochs": 4}) as trainer:
+    with Trainer(*settings(**{**TINY, "entropy_bonus_coef": 0.0, "value_loss_coef": 0.0, "epochs": 4})) as trainer:
         samples = trainer.sample()
         # half the samples took action 2 and it paid off, the other half took 3 and it did not
         actions = torch.tensor([2, 3] * 16)
@@ -160,7 +161,7 @@ def test_ppo_learns_a_tiny_contextual_bandit_in_a_few_seconds():
     # the matching action (1 or 2 of 4) pays 1. Random play earns 0.25 a step; the real Model,
     # GAE, losses and Trainer.train at the default hyperparameters must learn the rule.
     n, t = 2, 32
-    with Trainer(**{**TINY, "worker_steps": t, "batches": 1, "epochs": 4}) as trainer:
+    with Trainer(*settings(**{**TINY, "worker_steps": t, "batches": 1, "epochs": 4})) as trainer:
         rng = torch.Generator().manual_seed(0)
         mean_rewards = []
         for _ in range(12):
@@ -190,20 +191,20 @@ def test_ppo_learns_a_tiny_contextual_bandit_in_a_few_seconds():
 
 def test_bad_configuration_is_refused_before_any_worker_starts():
     with pytest.raises(ValueError, match="batches: 3 does not divide"):
-        Trainer(**{**TINY, "batches": 3})
+        Trainer(*settings(**{**TINY, "batches": 3}))
 
 
 def test_the_linear_schedule_anneals_the_dashboard_learning_rate_to_zero():
-    with Trainer(**{**TINY, "updates": 4, "lr_schedule": "linear", "learning_rate": 2.5e-4}) as trainer:
+    with Trainer(*settings(**{**TINY, "updates": 4, "lr_schedule": "linear", "learning_rate": 2.5e-4})) as trainer:
         used = []
-        trainer.run_training_loop(lambda stats: used.append(stats["learning_rate"]))
+        trainer.run_training_loop(lambda stats, last: used.append(stats["learning_rate"]))
         # update u (0 to 3) trains at 2.5e-4 * (1 - u / 4)
         assert used == pytest.approx([2.5e-4, 1.875e-4, 1.25e-4, 0.625e-4])
         trainer.update = 1
         assert trainer.current_learning_rate() == pytest.approx(2.5e-4 * 0.75)
         trainer.learning_rate.set_value(1e-4)  # the dashboard's value is the one the schedule scales
         assert trainer.current_learning_rate() == pytest.approx(1e-4 * 0.75)
-    with Trainer(**{**TINY, "lr_schedule": "constant"}) as constant:
+    with Trainer(*settings(**{**TINY, "lr_schedule": "constant"})) as constant:
         constant.update = 3
         assert constant.current_learning_rate() == pytest.approx(1e-3)
 
@@ -243,7 +244,7 @@ def test_the_model_scales_uint8_frames_to_0_1_in_either_memory_format():
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_the_update_gathers_its_minibatches_in_the_models_memory_format(channels_last):
-    with Trainer(channels_last=channels_last, **TINY) as trainer:
+    with Trainer(*settings(channels_last=channels_last, **TINY)) as trainer:
         samples = trainer.sample()
         frames = trainer.rollout_obs.reshape(32, 4, 84, 84)
         gathered = []

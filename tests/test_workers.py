@@ -9,18 +9,20 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY, _alive, assert_gone, descendants
 
-from ppo_breakout import OBS_SHAPE, Game, Trainer, Worker, WorkerError
+import game
+from game import OBS_SHAPE, Game
+from ppo_breakout import Command, Trainer, Worker, WorkerError, settings
 
 
 def step(worker: Worker, action: int):
     """One step through the worker, as the Trainer takes it: (frame stack, reward, done, info)."""
-    worker.send("step", action)
+    worker.send(Command.STEP, action)
     reward, done, info = worker.receive()
     return worker.obs.copy(), reward, done, info
 
 
 def reset(worker: Worker) -> np.ndarray:
-    worker.send("reset")
+    worker.send(Command.RESET)
     assert worker.receive() is None
     return worker.obs.copy()
 
@@ -89,7 +91,7 @@ def test_a_worker_exits_by_itself_when_its_trainer_is_killed():
 
         ppo_breakout.ctypes = NoPrctl
         worker = ppo_breakout.Worker(seed=0)
-        worker.send("reset")
+        worker.send(ppo_breakout.Command.RESET)
         worker.receive()
         print(worker.process.pid, flush=True)
         time.sleep(60)
@@ -113,15 +115,15 @@ def test_a_worker_exits_by_itself_when_its_trainer_is_killed():
 def test_unknown_command_raises_a_worker_error_naming_the_worker():
     worker = Worker(seed=0, index=3)
     try:
-        worker.send("jump", None)
-        with pytest.raises(WorkerError, match=r"worker 3 raised ValueError: unknown command 'jump'"):
+        worker.send(9)  # no Command has the number 9
+        with pytest.raises(WorkerError, match=r"worker 3 raised ValueError: 9 is not a valid Command"):
             worker.receive()
     finally:
         worker.close()
 
 
 def test_a_worker_killed_with_sigkill_makes_the_trainer_raise_a_clear_error():
-    trainer = Trainer(**TINY)
+    trainer = Trainer(*settings(**TINY))
     try:
         victim = trainer.workers[1].process
         os.kill(victim.pid, signal.SIGKILL)
@@ -134,7 +136,7 @@ def test_a_worker_killed_with_sigkill_makes_the_trainer_raise_a_clear_error():
 
 
 def test_destroy_joins_every_worker():
-    trainer = Trainer(**{**TINY, "n_workers": 3})
+    trainer = Trainer(*settings(**{**TINY, "n_workers": 3}))
     pids = {w.process.pid for w in trainer.workers}
     assert len(pids) == 3 and pids <= descendants()
     trainer.destroy()
@@ -144,7 +146,7 @@ def test_destroy_joins_every_worker():
 def test_an_exception_in_the_loop_leaves_no_child_process():
     # the no_process_left check after every test sees a worker left behind
     with pytest.raises(RuntimeError, match="boom"):
-        with Trainer(**TINY) as trainer:
+        with Trainer(*settings(**TINY)) as trainer:
 
             def explode(samples):
                 raise RuntimeError("boom")
@@ -154,15 +156,13 @@ def test_an_exception_in_the_loop_leaves_no_child_process():
 
 
 def test_an_exception_inside_a_worker_is_reported_with_its_cause(monkeypatch):
-    from ppo_breakout import Game
-
     def broken_reset(self):
         raise RuntimeError("the emulator is on fire")
 
     monkeypatch.setattr(Game, "reset", broken_reset)  # the forked worker inherits it
     worker = Worker(seed=0, index=2)
     try:
-        worker.send("reset")
+        worker.send(Command.RESET)
         with pytest.raises(WorkerError, match="worker 2 raised RuntimeError: the emulator is on fire"):
             worker.receive()
     finally:
@@ -171,12 +171,10 @@ def test_an_exception_inside_a_worker_is_reported_with_its_cause(monkeypatch):
 
 def test_a_worker_whose_emulator_exits_is_reported(monkeypatch):
     # ALE calls exit(1) itself on a missing ROM file: no Python exception ever reaches us
-    import ppo_breakout
-
-    monkeypatch.setattr(ppo_breakout, "rom_path", lambda game: "/nonexistent/rom.bin")
+    monkeypatch.setattr(game, "rom_path", lambda name: "/nonexistent/rom.bin")
     worker = Worker(seed=0, index=4)
     try:
-        worker.send("reset")
+        worker.send(Command.RESET)
         with pytest.raises(WorkerError, match=r"worker 4 \(pid \d+\) died: exit code 1"):
             worker.receive()
     finally:

@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore")  # labml's note on dynamic hyperparameters out
 import ppo_breakout as ppo  # noqa: E402
 import run_files  # noqa: E402
 
-with ppo.Trainer(updates=2) as trainer:
+with ppo.Trainer(*ppo.settings(updates=2)) as trainer:
     trainer.run_training_loop()
     times, sizes = [], []
     with tempfile.TemporaryDirectory() as folder:

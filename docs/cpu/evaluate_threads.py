@@ -15,13 +15,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import ppo_breakout as ppo  # noqa: E402
+from game import Game  # noqa: E402
 from run_files import load_checkpoint  # noqa: E402
 
 _, state = load_checkpoint(sys.argv[1])
 model = ppo.Model(state["n_actions"])
 model.load_state_dict(state["model"])
 model.eval()
-game = ppo.Game(1, state["configs"]["game"], clip_rewards=False)
+game = Game(1, state["configs"]["game"], clip_rewards=False)
 obs = torch.from_numpy(game.reset()).unsqueeze(0)
 for threads in (1, 2, 1, 2):
     torch.set_num_threads(threads)
