@@ -53,6 +53,7 @@ import evaluate
 import game
 import ppo_breakout as ppo
 import speed
+from errors import Parser
 from plots import read_metrics
 from run_files import RunFileError
 
@@ -135,7 +136,7 @@ def bench_vector_env(c: "ppo.Configs", steps: int) -> float:
         c.game,
         c.n_workers,
         num_threads=os.cpu_count() or 1,
-        repeat_action_probability=0.0,
+        repeat_action_probability=c.sticky_actions,
         frameskip=game.FRAME_SKIP,
         stack_num=game.FRAME_STACK,
         img_height=game.FRAME_SIZE,
@@ -498,7 +499,8 @@ def run_under_torchrun(
 
 def main():
     # every ppo_breakout.py flag (--epochs, --n-workers, --precision, ...) with the same default
-    parser = argparse.ArgumentParser(
+    parser = Parser(
+        prog="bench.py",
         description=__doc__.split("\n\n")[0],
         parents=[cli.build_parser(add_help=False)],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

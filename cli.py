@@ -14,9 +14,12 @@ experiment trained with labml, reporting to the dashboard, keeping its run folde
 import argparse
 import contextlib
 import dataclasses
+import difflib
+import math
 import os
 import signal
 import sys
+import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -28,7 +31,7 @@ import plots
 import ppo_breakout as ppo
 import run_files
 from errors import Parser, device_problem, fail, seed_problem
-from game import rom_path
+from game import RomError, rom_path
 
 # `python ppo_breakout.py NAME ...`: the file that owns each subcommand, and its main
 SUBCOMMANDS = {"evaluate": evaluate.main, "plot": plots.main, "export": run_files.main, "dashboard": dashboard.main}
@@ -57,6 +60,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if subcommand(argv):
         return SUBCOMMANDS[argv[0]](argv[1:])
+    if argv and not argv[0].startswith("-"):  # training takes flags only: a word first is a subcommand mistyped
+        near = difflib.get_close_matches(argv[0], SUBCOMMANDS, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        return fail("ppo_breakout.py", f"no subcommand {argv[0]!r}: {hint}the subcommands are {', '.join(SUBCOMMANDS)}")
     configs, run_settings, checkpoint, comment, dashboard_flag = parse(argv)  # one line, exit 2 on bad input
     return train(configs, run_settings, checkpoint, comment, dashboard_flag, given=tuple(given_flags(argv)))
 
@@ -128,14 +135,17 @@ class BadInput(SystemExit):
     """Bad input, already reported on stderr in one line: exit 2."""
 
 
-def parse(argv: List[str]) -> Tuple["ppo.Configs", "ppo.RunSettings", Optional[dict], Optional[str], str]:
+def parse(
+    argv: List[str], read_resume: bool = True
+) -> Tuple["ppo.Configs", "ppo.RunSettings", Optional[dict], Optional[str], str]:
     """(configs, run settings, the checkpoint to resume from, the run's comment, the --dashboard
-    flag); raises BadInput, having said why in one line, before anything starts."""
+    flag); raises BadInput, having said why in one line, before anything starts. Without
+    `read_resume` (a torchrun rank but rank 0) the --resume checkpoint is left to rank 0 to read."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     configs, run_settings = ppo.settings_from(ppo.Configs, args), ppo.settings_from(ppo.RunSettings, args)
     checkpoint, comment = None, None
-    if args["resume"]:
+    if args["resume"] and read_resume:
         try:
             checkpoint, comment = run_files.resume(args["resume"], given_flags(argv))
         except run_files.CheckpointError as e:
@@ -162,18 +172,31 @@ def config_errors(c: "ppo.Configs", r: "ppo.RunSettings") -> List[Tuple[str, str
     problem = ppo.batches_problem(c)
     if problem and not any(value <= 0 for _, value in positive):  # else said above: not positive
         errors.append(("batches", problem))
-    for name in ("learning_rate", "value_loss_coef", "entropy_bonus_coef", "max_grad_norm"):
+    elif not problem and c.n_workers * c.worker_steps // c.batches < 2:
+        # each minibatch normalises its advantages by their standard deviation, which one sample lacks
+        errors.append(("batches", f"minibatches of {c.n_workers * c.worker_steps // c.batches} sample: need 2 or more"))
+    floats = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.type is float}
+    errors += [(name, f"must be a finite number, got {v}") for name, v in floats.items() if not math.isfinite(v)]
+    finite = [name for name, value in floats.items() if math.isfinite(value)]  # the checks of range
+    weights = ("learning_rate", "value_loss_coef", "entropy_bonus_coef", "max_grad_norm")
+    for name in [n for n in weights if n in finite]:
         if not getattr(c, name) >= 0:
             errors.append((name, f"must not be negative, got {getattr(c, name)}"))
-    if not 0 < c.clip_range < 1:
+    if "clip_range" in finite and not 0 < c.clip_range < 1:
         errors.append(("clip_range", f"must be in (0, 1), got {c.clip_range}"))
-    for name in ("gamma", "lambda_"):
+    for name in [n for n in ("gamma", "lambda_") if n in finite]:
         if not 0 <= getattr(c, name) <= 1:
             errors.append((name, f"must be in [0, 1], got {getattr(c, name)}"))
-    if not c.adam_eps > 0:
+    if "sticky_actions" in finite and not 0 <= c.sticky_actions <= 1:
+        errors.append(("sticky_actions", f"must be in [0, 1], got {c.sticky_actions}"))
+    if "adam_eps" in finite and not c.adam_eps > 0:
         errors.append(("adam_eps", f"must be positive, got {c.adam_eps}"))
-    if rom_path(c.game) is None:
-        errors.append(("game", f"ale-py ships no ROM named {c.game!r} (for example: breakout, pong, space_invaders)"))
+    try:
+        if rom_path(c.game) is None:
+            examples = "for example: breakout, pong, space_invaders"
+            errors.append(("game", f"ale-py ships no ROM named {c.game!r} ({examples})"))
+    except RomError as e:
+        errors.append(("game", str(e)))
     choices_of = {
         "lr_schedule": (c.lr_schedule, ("constant", "linear")),
         "precision": (r.precision, ("auto", "fp32", "bf16")),
@@ -182,6 +205,8 @@ def config_errors(c: "ppo.Configs", r: "ppo.RunSettings") -> List[Tuple[str, str
     for name, (value, choices) in choices_of.items():
         if value not in choices:
             errors.append((name, f"must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}"))
+    if not (math.isfinite(r.worker_timeout) and r.worker_timeout > 0):
+        errors.append(("worker_timeout", f"must be a positive number of seconds, got {r.worker_timeout}"))
     cpus = os.cpu_count() or 1
     if r.rollout_threads < 0:
         errors.append(("rollout_threads", f"must be 0 or more, got {r.rollout_threads}"))
@@ -277,8 +302,11 @@ def exit_code(error: BaseException, run: Optional["run_files.RunFolder"], partne
     if isinstance(error, (KeyboardInterrupt, StopRequested)):
         print(f"\nStopped at once; {saved}", file=sys.stderr)
         return 128 + (error.args[0] if isinstance(error, StopRequested) else signal.SIGINT)
-    if isinstance(error, ppo.WorkerError):
-        print(f"error: {f'rank {partner.rank}: ' if partner.torchrun else ''}{error}", file=sys.stderr)
+    if isinstance(error, (ppo.WorkerError, ppo.Diverged)):
+        # the update under way is lost with the worker; a diverged one is kept nowhere
+        lost = "nothing of it was kept" if isinstance(error, ppo.Diverged) else "the update in progress is lost"
+        rank = f"rank {partner.rank}: " if partner.torchrun else ""
+        print(f"\nerror: {rank}{error}; {lost}; {saved}", file=sys.stderr)
         return 1
     # a full disk, for one: what was written before stays
     reason = error
@@ -286,6 +314,47 @@ def exit_code(error: BaseException, run: Optional["run_files.RunFolder"], partne
         reason = f"cannot write the run: {run_files.os_reason(error)}"
     print(f"error: {reason}; {saved}", file=sys.stderr)
     return 1
+
+
+class Progress:
+    """The run's progress in one short line, for a person: update k of N, env steps, the 100-game
+    score, env steps/s and the time left. On a terminal the line is rewritten in place after every
+    update; into a file or a notebook a new line is written at the first update, then every
+    `every_s` seconds and at the last. The full metrics go to labml and metrics.jsonl."""
+
+    def __init__(self, stream=sys.stdout, every_s: float = 60.0):
+        self.stream, self.every_s = stream, every_s
+        self.terminal = stream.isatty()
+        self.start, self.first_update, self.last_line = time.monotonic(), None, None
+
+    def line(self, trainer: "ppo.Trainer", stats: Dict[str, float]) -> str:
+        if self.first_update is None:
+            self.first_update = trainer.update - 1
+        done, left = trainer.update - self.first_update, trainer.updates - trainer.update
+        eta = duration((time.monotonic() - self.start) / done * left)
+        score = f"score {stats['reward']:.2f}" if "reward" in stats else "no game ended yet"
+        return (
+            f"update {trainer.update:,} of {trainer.updates:,}  {trainer.env_steps:,} env steps  {score}  "
+            f"{stats['steps_per_second']:,.0f} env steps/s  {eta} left"
+        )
+
+    def show(self, trainer: "ppo.Trainer", stats: Dict[str, float], last: bool):
+        line, now = self.line(trainer, stats), time.monotonic()
+        if self.terminal:
+            self.stream.write(f"\r{line}\033[K")  # \033[K: clear what a longer line left
+        elif self.last_line is None or last or now - self.last_line >= self.every_s:
+            self.stream.write(line + "\n")
+            self.last_line = now
+        self.stream.flush()
+
+
+def duration(seconds: float) -> str:
+    """`seconds` for a person: "2 h 05 min", "4 min 10 s", "12 s"."""
+    seconds = round(seconds)
+    hours, minutes = seconds // 3600, seconds % 3600 // 60
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {seconds % 60:02d} s" if minutes else f"{seconds} s"
 
 
 def train(
@@ -307,12 +376,16 @@ def train(
     lead = partner.rank == 0
     url = dashboard.connect(dashboard_flag) if lead else None
     if lead:
-        writers = {"screen", "sqlite"} | ({"web_api"} if url else set())
+        # labml's screen writer would print every metric: Progress prints the few a person reads
+        writers = {"sqlite"} | ({"web_api"} if url else set())
         experiment.create(name="ppo_breakout", comment=comment, writers=writers)
     run = run_files.RunFolder(run_settings, checkpoint, partner) if lead else None
+    progress = Progress() if lead else None
     trainer = None
 
     def after_update(stats: Dict[str, float], last: bool):
+        if progress is not None:
+            progress.show(trainer, stats, last)
         # the metrics every update; every rank's part of a checkpoint when one is due, gathered to rank 0
         due = trainer.update % run_settings.checkpoint_every == 0 or last
         ranks = partner.gather(run_files.rank_state(trainer)) if due else None
@@ -323,6 +396,9 @@ def train(
         first_update = checkpoint["update"] if checkpoint is not None else 0
         trainer = ppo.Trainer(configs, run_settings, partner, first_update)
         resumed_games = checkpoint is not None and run_files.restore(trainer, checkpoint)
+        changes = run_files.run_settings_changes(checkpoint, trainer) if checkpoint is not None else []
+        if changes and lead:  # the run's settings are this command line's: say where they differ
+            print(f"Run settings that differ from the run this continues: {'; '.join(changes)}")
         if rank_seed is not None and not resumed_games:  # a resumed rank has its own random state
             torch.manual_seed(rank_seed)
         if lead:
@@ -338,13 +414,23 @@ def train(
         ):
             if url:
                 dashboard.claim_run(url, experiment.get_uuid())
+            if lead:
+                print(f"Run folder: {run.path}", flush=True)
             trainer.run_training_loop(after_update)
-    except (KeyboardInterrupt, StopRequested, ppo.WorkerError, run_files.RunFileError, OSError) as e:
+    except (KeyboardInterrupt, StopRequested, ppo.WorkerError, ppo.Diverged, run_files.RunFileError, OSError) as e:
         return exit_code(e, run, partner)
     finally:
         if trainer is not None:
             trainer.destroy()
+    if lead and progress.terminal:
+        print(flush=True)  # end the progress line, so the next stands on its own
     if trainer.stop_requested and lead:
-        print(flush=True)  # end labml's progress line, so this one stands on its own
         print(f"Stopped at update {trainer.update}; checkpoint and metrics are in {run.path}", file=sys.stderr)
+    elif lead:
+        scores = trainer.episode_rewards
+        score = f"score {sum(scores) / len(scores):.2f} (the last {len(scores)} games)" if scores else "no game ended"
+        print(
+            f"Finished: {trainer.update:,} updates, {trainer.env_steps:,} env steps, {score}; "
+            f"last checkpoint {run.newest_checkpoint()}; run folder {run.path}"
+        )
     return 128 + trainer.stop_requested if trainer.stop_requested else 0

@@ -13,12 +13,18 @@ Awesome 5.9.0 from `dashboard_assets/` (taken from the npm registry, with their 
 Sentry and mixpanel are replaced by inert stand-ins. Nothing inside site-packages is edited and the
 page makes no request outside this machine.
 
+It listens on the loopback unless `--ip` says otherwise (then it warns who can reach it), and it
+takes no orders from other web pages: an API request, or any request that is not a GET, carrying
+the Origin of a page other than the dashboard's own or an allowed proxy's is refused (`OriginCheck`).
+
 A training run's side of it lives here too: finding the dashboard (`--dashboard auto`), pointing
 labml's web-API writer at it, and claiming the run so its hyperparameter page takes changes.
 """
 
 import argparse
 import errno
+import ipaddress
+import json
 import os
 import re
 import socket
@@ -26,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
+from errors import Parser
 from ppo_breakout import die_with_parent
 
 ASSETS = Path(__file__).resolve().parent / "dashboard_assets"
@@ -68,8 +75,179 @@ def offline_index(html: str) -> str:
     return page
 
 
-def create_app(ip: str = DEFAULT_IP, port: int = DEFAULT_PORT):
-    """labml-app's ASGI app, behind a small router that serves the offline page and assets."""
+# ## Who may give the dashboard orders
+#
+# A browser lets any page it shows send a "simple" cross-origin request (a POST with a text/plain
+# body, no preflight) to 127.0.0.1, and labml-app 0.0.102 takes such a POST to
+# /api/v1/hyper_params/<run> as a change; it also grants https://app.labml.ai CORS with
+# credentials, so a page there could read the API (the run list) and send any request. A browser
+# names the page's origin in the Origin header of every cross-origin request and of every
+# same-origin one but GET and HEAD; scripts (the training run's labml writer, urllib, curl) send
+# none. So a request that carries an Origin is checked, and one from a page of another origin is
+# refused: all under /api/, reads included, and every other method but GET and HEAD anywhere.
+# Allowed are the dashboard's own origins, the origins `--allow-origin` names (a proxy that serves
+# the dashboard at an origin of its own, such as Colab's port proxy), and, in Colab, Colab's.
+
+
+def is_loopback(ip: str) -> bool:
+    """`ip` (an address or a name) reaches only this machine: every address it stands for is a
+    loopback one."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(ip, None, type=socket.SOCK_STREAM)}
+        return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+    except (socket.gaierror, UnicodeError, ValueError):
+        return False
+
+
+def is_wildcard(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_unspecified  # 0.0.0.0 or ::
+    except ValueError:
+        return False
+
+
+def url_host(host: str) -> str:
+    """A host as it stands in a URL: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host.lower()
+
+
+def own_origins(ip: str, port: int) -> set:
+    """The origins of the dashboard's own page, served from ip:port: http://<ip>:<port>, and
+    127.0.0.1, localhost and [::1] at its port when it listens on the loopback or on every address."""
+    hosts = {ip}
+    if is_loopback(ip) or is_wildcard(ip):
+        hosts |= {"127.0.0.1", "localhost", "::1"}
+    return {f"http://{url_host(h)}" + ("" if port == 80 else f":{port}") for h in hosts}
+
+
+ORIGIN_PATTERN_CHARS = "[a-z0-9-]+"  # what a * of --allow-origin stands for: never a dot, colon or slash
+
+
+def as_origin(url: str) -> str:
+    """An --allow-origin value as a browser writes an Origin: lowercase, no slash after the host
+    (Colab's proxyPort gives its URL with one), no default port."""
+    origin = url.strip().lower().rstrip("/")
+    for scheme, port in (("http", ":80"), ("https", ":443")):
+        if origin.startswith(f"{scheme}://") and origin.endswith(port):
+            origin = origin[: -len(port)]
+    return origin
+
+
+def origin_problem(given: str) -> Optional[str]:
+    """What is wrong with an --allow-origin value, or None: it must be scheme://host[:port], http or
+    https, nothing after the host and port (but a slash); * stands for part of a name in the host."""
+    from urllib.parse import urlsplit
+
+    origin = as_origin(given)
+    try:
+        url = urlsplit(origin)
+        url.port  # raises on a port that is not a number
+    except ValueError:
+        url = None
+    if (
+        url is None
+        or url.scheme not in ("http", "https")
+        or not url.hostname
+        or url.path
+        or url.query
+        or url.fragment
+        or "@" in url.netloc
+        or not re.fullmatch(r"(\[[0-9a-f:.]+\]|[a-z0-9*.-]+)(:[0-9]+)?", url.netloc)
+    ):
+        return f"{given!r} is not an origin such as https://proxy.example.com or http://127.0.0.1:8080"
+    return None
+
+
+def origin_matcher(origins) -> "re.Pattern":
+    """One pattern that matches exactly the origins given, a * in one standing for part of a name."""
+    alternatives = [re.escape(o).replace(r"\*", ORIGIN_PATTERN_CHARS) for o in origins]
+    return re.compile("|".join(f"(?:{a})" for a in alternatives) or "(?!)")
+
+
+def colab_proxy_origins(port: int) -> list:
+    """The origins Colab's port proxy serves the kernel's `port` at, in the browser:
+    https://<id>-<port>-colab.googleusercontent.com, and https://<port>-<runtime>.<region>.prod.colab.dev
+    on newer runtimes. Only `port`: the same hosts with another port number (notebook output frames
+    have 0) are other servers."""
+    return [f"https://*-{port}-colab.googleusercontent.com", f"https://{port}-*.*.prod.colab.dev"]
+
+
+def in_colab(environ=os.environ) -> bool:
+    return "COLAB_RELEASE_TAG" in environ
+
+
+def is_machine_name(host: str) -> bool:
+    """`host` (from a Host header, port and all) names this machine as only it can be named: an
+    address, localhost, or the machine's own name. Not any other name, which could be a page's
+    own that resolves to this machine for the moment (DNS rebinding)."""
+    from urllib.parse import urlsplit
+
+    try:
+        name = urlsplit(f"//{host}").hostname or ""
+    except ValueError:
+        return False
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name in {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
+
+
+class OriginCheck:
+    """ASGI middleware: a request with an Origin header other than `allowed` is answered 403, and
+    the app never sees it, if it is under /api/ or is not a GET or HEAD. `allowed` holds exact
+    origins and ones with * (see `origin_matcher`). With `same_host` (for a dashboard that listens
+    beyond the loopback, reached by whatever address or name of this machine) an Origin that is
+    http://<the request's Host> is its own too, if that Host `is_machine_name`."""
+
+    def __init__(self, app, allowed, same_host: bool = False):
+        self.app = app
+        self.allowed = origin_matcher(allowed)
+        self.same_host = same_host
+        self.told = set()
+
+    def allows(self, scope) -> bool:
+        headers = [(k, v.decode("latin-1").strip().lower()) for k, v in scope.get("headers", [])]
+        origins = {v for k, v in headers if k == b"origin"}
+        if not origins:
+            return True  # not a page: a script, or a page's same-origin GET
+        if len(origins) > 1:
+            return False
+        (origin,) = origins
+        if self.allowed.fullmatch(origin):
+            return True
+        hosts = [v for k, v in headers if k == b"host"]
+        return self.same_host and len(hosts) == 1 and origin == f"http://{hosts[0]}" and is_machine_name(hosts[0])
+
+    async def __call__(self, scope, receive, send):
+        guarded = scope["type"] == "http" and (
+            scope["path"].startswith("/api/") or scope["method"] not in ("GET", "HEAD")
+        )
+        if not guarded or self.allows(scope):
+            return await self.app(scope, receive, send)
+        origin = dict(scope["headers"]).get(b"origin", b"").decode("latin-1")
+        if origin not in self.told and len(self.told) < 20:  # once an origin: for whoever set up a proxy
+            self.told.add(origin)
+            print(
+                f"dashboard: refused a request from a page at {origin!r}: only the dashboard's own page and "
+                f"the origins --allow-origin names may use its API",
+                file=sys.stderr,
+                flush=True,
+            )
+        body = json.dumps({"error": "refused: this dashboard takes no requests from pages of another origin"})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 403,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+def create_app(ip: str = DEFAULT_IP, port: int = DEFAULT_PORT, allow_origins=()):
+    """labml-app's ASGI app, behind a small router that serves the offline page and assets, behind
+    the origin check: the dashboard's own origins and `allow_origins` may use its API."""
     # labml-app's settings read these at import
     os.environ["LABML_APP_SERVER_IP"] = ip
     os.environ["LABML_APP_SERVER_PORT"] = str(port)
@@ -104,7 +282,8 @@ def create_app(ip: str = DEFAULT_IP, port: int = DEFAULT_PORT):
                 return await index(scope, receive, send)
         return await flask_app.app(scope, receive, send)
 
-    return app
+    own = own_origins(ip, port)
+    return OriginCheck(app, [*own, *allow_origins], same_host=not is_loopback(ip))
 
 
 def listen_problem(ip: str, port: int) -> Optional[Tuple[str, str]]:
@@ -230,11 +409,14 @@ def claim_run(url: str, run_uuid: str, timeout: float = 600.0):
     threading.Thread(target=claim, name="claim-run", daemon=True).start()
 
 
-def serve_in_background(port: int = DEFAULT_PORT, log: Path = Path("logs/dashboard.log"), timeout: float = 60):
+def serve_in_background(
+    port: int = DEFAULT_PORT, log: Path = Path("logs/dashboard.log"), timeout: float = 60, allow_origins=()
+):
     """The dashboard's URL, serving from a process of its own (for a notebook), or None when it did
     not start in `timeout` seconds (`log` says why); one that answers on `port` already is used as
     it is. The server runs in a session of its own, so that interrupting a notebook's kernel leaves
-    it be, and Linux stops it when the process that started it ends."""
+    it be, and Linux stops it when the process that started it ends. `allow_origins` are passed on
+    as --allow-origin (in Colab, Colab's port proxy is allowed without them)."""
     import functools
     import signal
     import subprocess
@@ -251,6 +433,7 @@ def serve_in_background(port: int = DEFAULT_PORT, log: Path = Path("logs/dashboa
         "dashboard",
         "--port",
         str(port),
+        *[arg for origin in allow_origins for arg in ("--allow-origin", origin)],
     ]
     with open(log, "a") as out:
         server = subprocess.Popen(
@@ -269,17 +452,37 @@ def serve_in_background(port: int = DEFAULT_PORT, log: Path = Path("logs/dashboa
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ppo_breakout.py dashboard",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Serve the labml dashboard (labml-app 0.0.102) offline, to watch and steer runs.",
     )
-    parser.add_argument("--ip", default=DEFAULT_IP, help="address to listen on")
+    parser.add_argument(
+        "--ip",
+        default=DEFAULT_IP,
+        help="address to listen on; any other than the loopback lets everyone who can reach this machine "
+        "see and change its runs",
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="the origin of a proxy that serves this dashboard's page (such as https://proxy.example.com; "
+        "a * stands for part of a name), whose pages may then use its API like its own; repeatable. "
+        "In Colab its port proxy is allowed without it",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         print(f"{parser.prog}: error: argument --port: {args.port} is not a port number", file=sys.stderr)
         return 2
+    for origin in args.allow_origin:
+        problem = origin_problem(origin)
+        if problem:
+            print(f"{parser.prog}: error: argument --allow-origin: {problem}", file=sys.stderr)
+            return 2
+    args.allow_origin = [as_origin(origin) for origin in args.allow_origin]
     try:
         import labml_app  # noqa: F401
         import uvicorn
@@ -293,7 +496,15 @@ def main(argv=None) -> int:
     if problem:
         print(f"{parser.prog}: error: argument {problem[0]}: {problem[1]}", file=sys.stderr)
         return 2
-    app = create_app(args.ip, args.port)
+    if not is_loopback(args.ip):
+        print(
+            f"{parser.prog}: warning: listening on {args.ip}: anyone who can reach this machine on port "
+            f"{args.port} can see and change its runs",
+            file=sys.stderr,
+            flush=True,
+        )
+    allowed = [*args.allow_origin, *(colab_proxy_origins(args.port) if in_colab() else [])]
+    app = create_app(args.ip, args.port, allowed)
     print(f"labml dashboard: http://{args.ip}:{args.port}  (data in ~/.labml/app/data; Ctrl-C stops it)", flush=True)
     uvicorn.run(app, host=args.ip, port=args.port, log_level="warning")
     return 0

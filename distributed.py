@@ -277,7 +277,8 @@ def main(argv: List[str]) -> int:
     run_settings, checkpoint = None, None
     try:
         with contextlib.redirect_stderr(said):
-            configs, run_settings, checkpoint, comment, dashboard_flag = cli.parse(argv)
+            # rank 0 reads a --resume checkpoint, and sends it to the others below
+            configs, run_settings, checkpoint, comment, dashboard_flag = cli.parse(argv, read_resume=rank == 0)
         devices = local_devices(run_settings, int(os.environ["LOCAL_WORLD_SIZE"]))
         device, backend = devices[local_rank], backend_for(run_settings, devices)
     except SystemExit as e:
@@ -297,12 +298,19 @@ def main(argv: List[str]) -> int:
         if device != "cpu":
             torch.cuda.set_device(device)
         # a restarted job (torchrun --max-restarts) goes on from its own newest checkpoint, with its
-        # configuration: what the dashboard changed before the restart goes on, not the launch flags
-        found = ranks.checkpoint_from_rank_0(run_files.job_checkpoint(ranks.job) if rank == 0 else None)
+        # configuration: what the dashboard changed before the restart goes on, not the launch flags;
+        # else from --resume's, with the flags over it. Rank 0 reads either and sends it to every rank.
+        restart = run_files.job_checkpoint(ranks.job) if rank == 0 else None
+        restarted = ranks.from_rank_0(restart is not None)
+        resume = checkpoint["path"] if rank == 0 and checkpoint is not None else None
+        found = ranks.checkpoint_from_rank_0(restart or resume)
         if found is not None:
             path, checkpoint = found
-            configs = ppo.settings_from(ppo.Configs, checkpoint["configs"])
-            comment = f"continues job {ranks.job} from update {checkpoint['update']} ({path})"
+            if restarted:
+                configs = ppo.settings_from(ppo.Configs, checkpoint["configs"])
+                comment = f"continues job {ranks.job} from update {checkpoint['update']} ({path})"
+            else:
+                configs = cli.resumed_configs(checkpoint, argv)
         run_settings = dataclasses.replace(run_settings, device=device, cuda_graphs=False)
         seed = np.random.SeedSequence([configs.seed, rank, checkpoint["update"] if checkpoint else 0])
         action_seed = int(seed.generate_state(1)[0])

@@ -25,7 +25,7 @@ import torch
 
 import ppo_breakout as ppo
 import speed
-from errors import device_problem, fail, seed_problem
+from errors import Parser, device_problem, fail, seed_problem
 from game import MAX_FRAMES, NOOP_MAX, Game
 from run_files import CheckpointError, RunFileError, load_checkpoint, os_reason
 
@@ -77,11 +77,13 @@ def evaluate(
     greedy: bool = False,
     seed: int = 10_000,
     device: str = "auto",
-    sticky_actions: float = 0.0,
+    sticky_actions: Optional[float] = None,
 ) -> Dict[str, list]:
-    """Play `episodes` games; Ctrl-C ends it early: the games finished by then are returned, with
-    `stopped` True."""
+    """Play `episodes` games, with sticky actions `sticky_actions` (by default those the policy
+    trained with); Ctrl-C ends it early: the games finished by then are returned, with `stopped` True."""
     path, state = load_checkpoint(checkpoint)
+    trained_sticky = float(state["configs"].get("sticky_actions", 0.0))  # 0 before it was a setting
+    sticky_actions = trained_sticky if sticky_actions is None else sticky_actions
     game_name = state["configs"]["game"]
     model = ppo.Model(state["n_actions"])
     model.load_state_dict(state["model"])
@@ -121,6 +123,8 @@ def evaluate(
         "seeds": seeds,
         "checkpoint": str(path),
         "trained": (state["update"], state["env_steps"]),
+        "sticky_actions": sticky_actions,
+        "trained_sticky_actions": trained_sticky,
         "video": written,
         "stopped": stopped,
     }
@@ -201,12 +205,13 @@ def score_statistics(scores, seed: int) -> Dict[str, float]:
     return statistics
 
 
-def protocol(sticky_actions: float) -> str:
+def protocol(sticky_actions: float, trained: float = 0.0) -> str:
     sticky = (
         f"sticky actions {sticky_actions:g} (repeat_action_probability, Machado et al. 2018)"
         if sticky_actions
-        else "no sticky actions (as in training)"
+        else "no sticky actions"
     )
+    sticky += " (as in training)" if sticky_actions == trained else f" (trained with {trained:g})"
     return (
         f"all lives, unclipped score, 1 to {NOOP_MAX} no-op frames at the start, "
         f"at most {MAX_FRAMES:,} frames, {sticky}"
@@ -221,8 +226,13 @@ def probability_problem(text: str) -> Optional[str]:
     return None if 0 <= p <= 1 else f"must be from 0 to 1, got {text}"  # a NaN fails too
 
 
+def games(n: int) -> str:
+    """A count of games, in agreement with it: "1 game", "30 games"."""
+    return f"{n} game" if n == 1 else f"{n} games"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ppo_breakout.py evaluate",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Play whole games with a checkpoint's policy and print the score statistics.",
@@ -241,10 +251,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--sticky-actions",
         metavar="P",
-        default="0",  # a string, read in main(), so that a bad value is one line like the others
+        default=None,  # a string, read in main(), so that a bad value is one line like the others
         help="each frame, repeat the previous action instead of the new one with probability P "
         f"(ale-py's repeat_action_probability); {MACHADO_STICKY_ACTIONS} is Machado et al. 2018's protocol "
-        "and gymnasium's v5 environments', 0 the training's",
+        "and gymnasium's v5 environments'; without it, the value the policy trained with (0 unless "
+        "it trained with --sticky-actions)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
@@ -253,10 +264,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     problem = seed_problem(args.seed)
     if problem:
         return fail(parser.prog, f"argument --seed: {problem}")
-    problem = probability_problem(args.sticky_actions)
+    problem = probability_problem(args.sticky_actions) if args.sticky_actions is not None else None
     if problem:
         return fail(parser.prog, f"argument --sticky-actions: {problem}")
-    sticky_actions = float(args.sticky_actions)
+    sticky_actions = float(args.sticky_actions) if args.sticky_actions is not None else None
     if args.video is not None and args.video.suffix.lower() != ".mp4":
         return fail(parser.prog, f"argument --video: {args.video} must end in .mp4")
     if args.video is not None and not args.video.resolve().parent.is_dir():
@@ -277,12 +288,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     update, env_steps = result["trained"]
     print(f"checkpoint: {result['checkpoint']} (update {update:,}, {env_steps:,} env steps)")
     print(f"policy:     {'greedy' if args.greedy else 'sampled'}, seed {args.seed}")
-    print(f"protocol:   {protocol(sticky_actions)}")
+    print(f"protocol:   {protocol(result['sticky_actions'], result['trained_sticky_actions'])}")
     if scores:
         s = score_statistics(scores, args.seed)
         print(
             f"score:      mean {s['mean']:.2f}  std {s['std']:.2f}  min {s['min']:.1f}  "
-            f"max {s['max']:.1f}  over {len(scores)} games"
+            f"max {s['max']:.1f}  over {games(len(scores))}"
         )
         interval = (
             f"{CONFIDENCE:.0%} CI [{s['iqm_low']:.2f}, {s['iqm_high']:.2f}] "
@@ -296,7 +307,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"video:      {result['video']} (game 1, {VIDEO_FPS} fps)")
     if result["stopped"]:
         no_video = "; no video was written" if args.video is not None and not result["video"] else ""
-        stopped = f"stopped by Ctrl-C after {len(scores)} of {args.episodes} games{no_video}"
+        stopped = f"stopped by Ctrl-C after {len(scores)} of {games(args.episodes)}{no_video}"
         print(f"{parser.prog}: {stopped}", file=sys.stderr)
         return 130
     return 0

@@ -7,9 +7,15 @@ ale-py, which ships the ROMs itself, with the DQN preprocessing of
 `labml_nn/rl/game.py`, with whole-game scores. docs/protocol.md compares it with the published runs.
 """
 
+import contextlib
+import io
+import os
 from typing import Callable, List, Optional
 
+import ale_py
+import cv2
 import numpy as np
+from ale_py import roms
 
 # One Atari game, seen the way published Breakout results see it ("NoFrameskip-v4" with the DQN
 # preprocessing): no sticky actions, each action repeated 4 frames with the max of the last two
@@ -30,11 +36,23 @@ FRAME_STACK = 4  # the model sees the last 4 frames, to perceive motion
 OBS_SHAPE = (FRAME_STACK, FRAME_SIZE, FRAME_SIZE)
 
 
-def rom_path(game: str) -> Optional[str]:
-    """Path of the ROM that ale-py ships for `game`, or None."""
-    from ale_py import roms
+class RomError(ValueError):
+    """The ROM of a game ale-py knows is missing or damaged where ale-py looks for it; one line."""
 
-    return str(roms.get_rom_path(game)) if game in roms.get_all_rom_ids() else None
+
+def rom_path(game: str) -> Optional[str]:
+    """Path of the ROM that ale-py ships for `game`, or None for a game it does not know. Raises
+    RomError, naming the game and where ale-py looked, when the file is missing or damaged there
+    (ale-py's own folder, or ALE_ROMS_DIR where that is set)."""
+    if game not in roms.get_all_rom_ids():
+        return None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # ale-py prints where it looks, in every worker
+            return str(roms.get_rom_path(game))
+    except OSError as e:
+        where = os.environ.get("ALE_ROMS_DIR")
+        looked = f"ALE_ROMS_DIR={where}" if where else os.path.dirname(roms.__file__)
+        raise RomError(f"no usable ROM of {game} where ale-py looked ({looked}): {e}") from None
 
 
 def minimal_actions(game: str) -> List[int]:
@@ -50,8 +68,6 @@ class Game:
     steps}`. The game resets itself when it is over; the returned `obs` is then the new game's first."""
 
     def __init__(self, seed: int, game: str = "breakout", clip_rewards: bool = True, sticky_actions: float = 0.0):
-        import ale_py
-
         ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner per worker
         self.ale = ale_py.ALEInterface()
         self.ale.setInt("random_seed", int(seed) % 2**31)
@@ -89,8 +105,6 @@ class Game:
 
     def _push_frame(self):
         """Max of the last two screens, down to 84x84, onto the frame stack."""
-        import cv2
-
         frame = np.maximum(self.screens[0], self.screens[1])
         self.obs_4[:-1] = self.obs_4[1:]
         self.obs_4[-1] = cv2.resize(frame, (FRAME_SIZE, FRAME_SIZE), interpolation=cv2.INTER_AREA)
@@ -151,8 +165,6 @@ class Game:
 
     def set_state(self, state: dict):
         """Go on from `get_state()`'s game: the same frames, rewards and ends follow."""
-        import ale_py
-
         self.ale.restoreState(ale_py.ALEState(np.asarray(state["emulator"], dtype=np.uint8).tobytes()))
         self.rng.bit_generator.state = state["noop_rng"]
         self.obs_4[:], self.screens[:] = state["obs_4"], state["screens"]

@@ -8,13 +8,14 @@ A training run redraws `curve.png` in its own folder at every checkpoint, for a 
 dashboard.
 """
 
-import argparse
 import json
+import os
 import sys
+import uuid
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-from errors import fail
+from errors import Parser, fail
 from run_files import RunFileError, os_reason
 
 PLOT_SIZE = (12, 9)  # inches; at PLOT_DPI, 1200x900 pixels
@@ -22,18 +23,37 @@ PLOT_DPI = 100
 PLOT_PANELS = ["value_loss", "policy_reward", "entropy_bonus", "kl_div", "clip_fraction", "steps_per_second"]
 
 
-def read_metrics(folder: Path) -> List[dict]:
+def read_metrics(folder: Path, warn: Optional[Callable[[str], None]] = None) -> List[dict]:
+    """The records of a run folder's metrics.jsonl. A line that holds none (one cut by a crash
+    mid-write) is left out; `warn`, when given, is called with one line saying which were."""
     path = Path(folder) / "metrics.jsonl"
-    records = []
+    records, skipped = [], []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        # bytes: a crash can leave bytes that are not UTF-8, which would fail the whole file as text
+        for number, line in enumerate(path.read_bytes().splitlines(), 1):
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line cut by a crash mid-write: the others are still good
+                record = json.loads(line)
+            except ValueError:  # not JSON, or not UTF-8
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            elif line.strip():  # a blank line loses no record
+                skipped.append(number)
+    unreadable = skipped_lines(path, skipped) if skipped else None
     if not records:
-        raise RunFileError(f"no metrics in {folder} (expected a run folder with metrics.jsonl)")
+        why = f": {unreadable}" if unreadable else " (expected a run folder with metrics.jsonl)"
+        raise RunFileError(f"no metrics in {folder}{why}")
+    if unreadable and warn is not None:
+        warn(unreadable)
     return records
+
+
+def skipped_lines(path: Path, numbers: List[int], named: int = 5) -> str:
+    """The line that says which lines of `path` were left out, the first `named` of them by number:
+    "skipped 2 unreadable lines of PATH (lines 3, 7)"."""
+    lines = "line" if len(numbers) == 1 else "lines"
+    which = ", ".join(map(str, numbers[:named])) + (f" and {len(numbers) - named} more" if len(numbers) > named else "")
+    return f"skipped {len(numbers)} unreadable {lines} of {path} ({lines} {which})"
 
 
 def plot_runs(
@@ -42,15 +62,17 @@ def plot_runs(
     baseline: Optional[float] = None,
     labels: Optional[List[str]] = None,
     max_steps: Optional[int] = None,
+    warn: Optional[Callable[[str], None]] = None,
 ):
     """One colour per run folder; `max_steps` cuts every run at that many env steps, so runs of
-    different lengths compare over the same budget. Returns the (label, records) it drew."""
+    different lengths compare over the same budget; `warn` is read_metrics'. Returns the (label,
+    records) it drew."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(Path(folder), read_metrics(folder)) for folder in folders]
+    runs = [(Path(folder), read_metrics(folder, warn)) for folder in folders]
     if max_steps is not None:
         runs = [(folder, [r for r in records if r["env_steps"] <= max_steps]) for folder, records in runs]
     labels = labels or [folder.name[:12] for folder in folders]
@@ -83,9 +105,27 @@ def plot_runs(
     for axes in [score_axes, *panel_axes[3:]]:
         axes.set_xlabel("env steps", fontsize=8)
     figure.tight_layout()
-    figure.savefig(output, dpi=PLOT_DPI)
-    plt.close(figure)
+    try:
+        save_whole(figure, Path(output))
+    finally:
+        plt.close(figure)
     return [(label, records) for label, (_, records) in zip(labels, runs)]
+
+
+def save_whole(figure, output: Path):
+    """Write the image to a temporary file beside `output`, flush it to disk, then rename it over
+    `output`: a full disk or a kill leaves the old image or the new one, never a cut one."""
+    # a name of its own: `plot` and a training run's refresh_curve can write the same curve.png at once
+    partial = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with open(partial, "xb") as f:
+            # a file object has no name to take the format from: output's suffix, or matplotlib's default
+            figure.savefig(f, format=output.suffix.lstrip(".").lower() or None, dpi=PLOT_DPI)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)  # a partial file would only fill the disk further
 
 
 def refresh_curve(run: Path):
@@ -99,7 +139,7 @@ def refresh_curve(run: Path):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ppo_breakout.py plot",
         # no ArgumentDefaultsHelpFormatter: every default here is None, "not given", which the
         # help says in words where it means something (--output's curve.png)
@@ -124,6 +164,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--max-steps", type=int, default=None, help="plot each run up to this many env steps")
     args = parser.parse_args(argv)
+
+    def warn(message: str):
+        print(f"{parser.prog}: {message}", file=sys.stderr)
+
     for folder in args.folders:
         if not folder.is_dir():
             return fail(parser.prog, f"argument RUN_FOLDER: {folder} is not a folder")
@@ -143,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.max_steps is not None and args.max_steps <= 0:
         return fail(parser.prog, f"argument --max-steps: must be positive, got {args.max_steps}")
     try:
-        plot_runs(args.folders, output, args.baseline, args.label, args.max_steps)
+        plot_runs(args.folders, output, args.baseline, args.label, args.max_steps, warn)
     except RunFileError as e:
         return fail(parser.prog, str(e))
     except OSError as e:

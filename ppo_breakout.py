@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from labml import logger, monit, tracker
+from labml import logger, tracker
 from labml.configs import FloatDynamicHyperParam, IntDynamicHyperParam
 from torch import nn, optim
 from torch.distributions import Categorical
@@ -59,8 +59,9 @@ from game import FRAME_STACK, OBS_SHAPE, Game, minimal_actions
 # range it offers (labml's experiment's; a value given outside it widens it).
 
 
-def setting(default, help: str, dashboard: Optional[Tuple[float, float]] = None):
-    return dataclasses.field(default=default, metadata={"help": help, "dashboard": dashboard})
+def setting(default, help: str, dashboard: Optional[Tuple[float, float]] = None, positive: bool = False):
+    # positive: the dashboard may not make it 0 or less (a learning rate of 0 trains nothing)
+    return dataclasses.field(default=default, metadata={"help": help, "dashboard": dashboard, "positive": positive})
 
 
 @dataclasses.dataclass
@@ -79,7 +80,7 @@ class Configs:
     entropy_bonus_coef: float = setting(0.01, "weight of the entropy bonus (dynamic)", dashboard=(0.0, 0.1))  # ⚙️
     clip_range: float = setting(0.1, "PPO clip range epsilon, in (0, 1) (dynamic)", dashboard=(0.01, 0.5))  # ⚙️
     learning_rate: float = setting(  # ⚙️
-        1e-3, "Adam learning rate (dynamic; the value --lr-schedule linear scales)", dashboard=(0.0, 1e-3)
+        1e-3, "Adam learning rate (dynamic; the value --lr-schedule linear scales)", (0.0, 1e-3), positive=True
     )
     # linear is the PPO paper's Atari setting and CleanRL's; constant is labml's, and a constant 1e-3
     # for 10M steps risks the collapse the rising KL hints at
@@ -94,6 +95,9 @@ class Configs:
     game: str = setting("breakout", "an Atari ROM that ale-py ships")
     # as DQN and PPO did; the reported scores are always the game's own
     clip_rewards: bool = setting(True, "train on the sign of the game reward")
+    # 0 as the published Breakout runs (NoFrameskip-v4); 0.25 is Machado et al. 2018's protocol
+    # and gymnasium v5's, which a policy trained without them plays badly (docs/results.md)
+    sticky_actions: float = setting(0.0, "each frame, repeat the previous action with this probability, in [0, 1]")
     max_grad_norm: float = setting(0.5, "global gradient-norm clip")
 
 
@@ -111,6 +115,8 @@ class RunSettings:
     cuda_graphs: bool = setting(True, "on a CUDA GPU, replay each minibatch step and rollout forward as a CUDA graph")
     checkpoint_every: int = setting(50, "updates between checkpoints (and one at the end and at Ctrl-C/SIGTERM/SIGHUP)")
     keep_checkpoints: int = setting(3, "how many of the newest checkpoints to keep")
+    # a worker that does not answer (stopped, deadlocked, swapped out) must not stall the run unseen
+    worker_timeout: float = setting(60.0, "seconds a game worker may take to answer before the run ends (hung)")
     # under torchrun (distributed.py): how the ranks talk, and which GPU each local rank uses
     backend: str = setting("auto", "torchrun: auto (nccl where each rank has a GPU of its own, else gloo), gloo, nccl")
     device_ids: str = setting("", "torchrun: the GPU of each local rank, such as 0,0 for 2 ranks on GPU 0")
@@ -274,6 +280,7 @@ class CheckedValue:
     torchrun every rank `held` rank 0's value for the update (distributed.Ranks.hold)."""
 
     held = None
+    positive = False  # refuse 0 and less
 
     def __call__(self):
         value = super().__call__()  # labml's reports the value read: the dashboard's series
@@ -285,7 +292,7 @@ class CheckedValue:
             number = float(value)
         except (TypeError, ValueError):
             number = float("nan")
-        if not math.isfinite(number):
+        if not math.isfinite(number) or (self.positive and number <= 0):
             logger.log(f"{self._key}: refused {value!r} from the dashboard, keeping {self._value}")
             return
         clamped = min(max(number, low), high)
@@ -311,6 +318,7 @@ def dynamic_hyperparams(c: Configs) -> Dict[str, CheckedValue]:
             low, high = field.metadata["dashboard"]
             value, kind = values[field.name], CheckedInt if field.type is int else CheckedFloat
             hyperparams[field.name] = kind(value, (min(low, value), max(high, value)))
+            hyperparams[field.name].positive = field.metadata["positive"]
     return hyperparams
 
 
@@ -377,6 +385,16 @@ class OneProcess:
 STATS = ("policy_reward", "value_loss", "entropy_bonus", "kl_div", "clip_fraction")
 
 
+class Diverged(ArithmeticError):
+    """An update made the losses or the weights infinite or NaN: nothing of it may be kept."""
+
+
+def finite(model: nn.Module, stats: Dict[str, float]) -> bool:
+    """Whether an update's mean losses and the weights after it are all finite (checked once an update)."""
+    losses = torch.tensor([stats[name] for name in STATS])
+    return bool(torch.isfinite(losses).all()) and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 class Trainer:
     """Samples from the workers with the current policy, computes advantages, and trains the model
     for `epochs` passes of `batches` minibatches over each batch. `partner` is torchrun's
@@ -384,9 +402,8 @@ class Trainer:
     (its new games are seeded by it), and run_files.restore puts the checkpoint's state in."""
 
     def __init__(self, configs: Configs, run_settings: RunSettings = RunSettings(), partner=None, first_update=0):
-        problem = batches_problem(configs)  # cli.config_errors checks the rest before a run starts
-        if problem:
-            raise ValueError(f"batches: {problem}")
+        if batches_problem(configs):  # cli.config_errors checks the rest before a run starts
+            raise ValueError(f"batches: {batches_problem(configs)}")
         c, r = self.configs, self.run_settings = configs, run_settings
         self.partner = partner or OneProcess()
         self.updates, self.n_workers, self.worker_steps = c.updates, c.n_workers, c.worker_steps
@@ -410,8 +427,7 @@ class Trainer:
         # fused: one kernel for the whole step; the same algorithm and saved moments
         self.optimizer = optim.Adam(self.model.parameters(), lr=c.learning_rate, eps=c.adam_eps, fused=True)
         self.gae = GAE(self.n_workers, self.worker_steps, c.gamma, c.lambda_)
-        self.ppo_loss = ClippedPPOLoss()
-        self.value_loss = ClippedValueFunctionLoss()
+        self.ppo_loss, self.value_loss = ClippedPPOLoss(), ClippedValueFunctionLoss()
         # a minibatch's gradient step and the rollout's forward pass, eager or as CUDA graphs
         step, optimizer = self._train_step, self.optimizer
         graphed = speed.GraphedTrainStep(step, optimizer, self.mini_batch_size) if self.graphs else None
@@ -423,7 +439,7 @@ class Trainer:
         # whole-game scores and lengths of the last 100 games, reported as their mean
         self.episode_rewards, self.episode_lengths = deque(maxlen=100), deque(maxlen=100)
         self.games: List[dict] = []  # the games that ended in the latest rollout
-        self.explained_variance = float("nan")
+        self.explained_variance, self.stop_requested = float("nan"), 0  # the signal number of a stop
 
         # the rollout buffers, allocated once; frames pinned on a CUDA machine for a fast copy
         n, t = self.n_workers, self.worker_steps
@@ -434,9 +450,9 @@ class Trainer:
         self.actions = torch.zeros((n, t), dtype=torch.long)
         self.log_pis = torch.zeros((n, t), dtype=torch.float32, device=self.device)
         self.values = torch.zeros((n, t + 1), dtype=torch.float32, device=self.device)
-        self.stop_requested = 0  # a signal number: stop after the current update
 
-        self.workers = start_workers(c, self.partner, first_update)  # each with a game begun
+        # each with a game begun; after a stop signal a worker gets only a few seconds to answer
+        self.workers = start_workers(c, self.partner, first_update, r.worker_timeout, lambda: self.stop_requested)
         self.obs[:] = [worker.obs for worker in self.workers]
 
     def _autocast(self):
@@ -561,11 +577,13 @@ class Trainer:
     def run_training_loop(self, after_update: Optional[Callable[[Dict[str, float], bool], None]] = None):
         """Sample, train, report, repeat; `after_update(stats, last)` keeps the run's files, `last`
         when the loop stops after it."""
-        for update in monit.loop(range(self.update, self.updates)):
+        for update in range(self.update, self.updates):
             start, env_steps = time.perf_counter(), self.env_steps
             samples = self.sample()
             stats = self.train(samples)
             self.update = update + 1
+            if self.partner.largest(not finite(self.model, stats)):  # under torchrun, any rank's
+                raise Diverged(f"update {self.update} diverged: its losses or the weights are not finite numbers")
             # under torchrun every rank stops where any was asked to; a later signal stops the next update
             self.stop_requested = self.partner.largest(self.stop_requested)
             stopping = bool(self.stop_requested)
@@ -578,8 +596,6 @@ class Trainer:
             tracker.save(stats)
             if after_update is not None:
                 after_update(stats, stopping or self.update == self.updates)
-            if self.update % 1_000 == 0:
-                logger.log()
             if stopping:
                 break
 
@@ -633,6 +649,7 @@ class Slots(ctypes.Structure):
 
 
 LIVENESS_CHECK_S = 0.5  # how often a waiting trainer checks its worker lives, and a worker its trainer
+STOPPING_TIMEOUT_S = 5.0  # how long a worker may take to answer once the run was asked to stop
 
 
 class WorkerError(RuntimeError):
@@ -647,7 +664,9 @@ def die_with_parent(signum: int):
         ctypes.CDLL("libc.so.6").prctl(pr_set_pdeathsig, signum)
 
 
-def worker_process(remote, go, ready, slots: Slots, obs_buffer, parent_pid: int, seed: int, game: str, clip_rewards):
+def worker_process(
+    remote, go, ready, slots: Slots, obs_buffer, parent_pid: int, seed: int, game: str, clip_rewards, sticky_actions
+):
     # Ctrl-C, a hang-up and torchrun's SIGTERM go to the whole process group: the trainer handles them
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
@@ -656,7 +675,7 @@ def worker_process(remote, go, ready, slots: Slots, obs_buffer, parent_pid: int,
         os._exit(0)
     obs = np.frombuffer(obs_buffer, dtype=np.uint8).reshape(OBS_SHAPE)
     try:
-        env = Game(seed, game, clip_rewards)
+        env = Game(seed, game, clip_rewards, sticky_actions)
         while True:
             while not go.acquire(timeout=LIVENESS_CHECK_S):
                 if os.getppid() != parent_pid:
@@ -695,9 +714,21 @@ class Worker:
     info)` with the new frame stack in `obs`; `send(Command.RESET)`, then `receive() -> None`;
     `send(Command.GET_STATE)`, then `receive() -> Game.get_state()`; `send(Command.SET_STATE,
     state)`, then `receive() -> None` with the game's frame stack in `obs`. `receive()` raises
-    `WorkerError` naming the worker when it raised, and within LIVENESS_CHECK_S when it died."""
+    `WorkerError` naming the worker when it raised, within LIVENESS_CHECK_S when it died, and when
+    it has not answered in `timeout` seconds (STOPPING_TIMEOUT_S once `stopping()` says a stop was
+    asked for: a stop must not wait a minute for a hung worker)."""
 
-    def __init__(self, seed: int, game: str = "breakout", clip_rewards: bool = True, index: int = 0):
+    def __init__(
+        self,
+        seed: int,
+        game: str = "breakout",
+        clip_rewards: bool = True,
+        index: int = 0,
+        timeout: float = 60.0,
+        stopping: Callable[[], int] = lambda: 0,
+        sticky_actions: float = 0.0,
+    ):
+        self.timeout, self.stopping, self.hung = timeout, stopping, False
         # fork starts the workers in milliseconds, and is safe: they never touch torch
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         self.index = index
@@ -707,6 +738,7 @@ class Worker:
         self.go, self.ready = ctx.Semaphore(0), ctx.Semaphore(0)
         self.child, parent = ctx.Pipe()
         args = (parent, self.go, self.ready, self.slots, obs_buffer, os.getpid(), seed, game, clip_rewards)
+        args += (sticky_actions,)
         self.process = ctx.Process(target=worker_process, name=f"ppo-worker-{index}", daemon=True, args=args)
         self.process.start()
         parent.close()
@@ -724,9 +756,16 @@ class Worker:
         self.go.release()
 
     def receive(self):
+        start = time.monotonic()
         while not self.ready.acquire(timeout=LIVENESS_CHECK_S):
             if not self.process.is_alive():
                 self._raise_dead()
+            limit = min(self.timeout, STOPPING_TIMEOUT_S) if self.stopping() else self.timeout
+            if time.monotonic() - start > limit:
+                why = "after the stop signal" if self.stopping() else "(--worker-timeout)"
+                who = f"worker {self.index} (pid {self.process.pid})"
+                self.hung = True  # it will not answer CLOSE either
+                raise WorkerError(f"{who} has not answered in {limit:g} s {why}: hung")
         if self.slots.failed:
             self._raise_dead()
         if self.slots.command == Command.GET_STATE:
@@ -758,17 +797,19 @@ class Worker:
             self.go.release()
 
     def close(self, timeout: float = 5.0):
-        """Ask the worker to stop and join it; terminate, then kill it, if it does not stop in time."""
+        """Ask the worker to stop and join it; kill it if it does not stop in time, or at once if
+        it hung (a worker ignores SIGTERM: the trainer handles the process group's signals)."""
         self.request_close()
-        self.process.join(timeout)
-        for stop in (self.process.terminate, self.process.kill):
-            if self.process.is_alive():
-                stop()
-                self.process.join(timeout)
+        self.process.join(0 if self.hung else timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout)
         self.child.close()
 
 
-def start_workers(c: Configs, partner, first_update: int = 0) -> List[Worker]:
+def start_workers(
+    c: Configs, partner, first_update: int = 0, timeout: float = 60.0, stopping: Callable[[], int] = lambda: 0
+) -> List[Worker]:
     """This process's `n_workers` workers, each with a game begun. Their seeds come from one SeedSequence, so runs with
     nearby seeds share no game; a run that goes on from a checkpoint whose games do not fit starts
     new games seeded by its update. Under torchrun the job's seeds are split among the ranks."""
@@ -778,7 +819,7 @@ def start_workers(c: Configs, partner, first_update: int = 0) -> List[Worker]:
     workers: List[Worker] = []
     try:
         for i, seed in enumerate(seeds):
-            workers.append(Worker(int(seed), c.game, c.clip_rewards, index=i))
+            workers.append(Worker(int(seed), c.game, c.clip_rewards, i, timeout, stopping, c.sticky_actions))
         for worker in workers:
             worker.send(Command.RESET)
         for worker in workers:

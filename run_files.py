@@ -12,6 +12,7 @@ keeps the weights and the settings needed to play them, without Adam's state, th
 or the random state: a few MB that `evaluate` and the notebook play, and that cannot be resumed.
 """
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -29,7 +30,7 @@ from labml.internal.experiment import experiment_singleton
 
 import ppo_breakout as ppo
 from errors import Parser, fail
-from game import minimal_actions, rom_path
+from game import RomError, minimal_actions, rom_path
 
 CHECKPOINT_FORMAT = 1  # bumped when the checkpoint's contents change
 POLICY_FORMAT = 1  # the same for an exported policy (export_policy)
@@ -76,9 +77,33 @@ def atomic_save(state: dict, path: Path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        sync_folder(path.parent)  # the rename itself survives a power cut only once its folder is on disk
     except (OSError, RuntimeError) as e:  # torch.save turns a full disk into a RuntimeError
         tmp.unlink(missing_ok=True)  # a partial file would only fill the disk further
         raise RunFileError(f"cannot write {path}: {os_reason(e)}") from e
+    except BaseException:  # a second Ctrl-C while torch.save writes: no half file left behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def sync_folder(folder: Path):
+    """Flush a folder's entries (a rename in it) to disk, where the platform can."""
+    with contextlib.suppress(OSError):  # not every platform opens folders
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def update_of(checkpoint: Path) -> int:
+    """The update a checkpoint file's name `update_NNNNNNN.pt` holds (more digits past 9,999,999)."""
+    return int(checkpoint.stem.removeprefix("update_"))
+
+
+def by_update(checkpoints) -> List[Path]:
+    """Checkpoint files, oldest update first: by number, since names sort wrong past 7 digits."""
+    return sorted(checkpoints, key=update_of)
 
 
 # ## The trainer's state: what a checkpoint holds
@@ -127,6 +152,7 @@ def trainer_state(trainer: "ppo.Trainer", ranks: Optional[List[dict]] = None) ->
         group.update(lr=float(group["lr"]), capturable=False)
     return {
         "configs": configs,
+        "run_settings": effective_run_settings(trainer),  # recorded, never applied: a resume takes its own
         "n_actions": trainer.model.pi_logits.out_features,
         "model": trainer.model.state_dict(),
         "optimizer": optimizer,
@@ -139,6 +165,22 @@ def trainer_state(trainer: "ppo.Trainer", ranks: Optional[List[dict]] = None) ->
         "cuda_rng": ranks[0]["cuda_rng"],
         "ranks": ranks,
     }
+
+
+def effective_run_settings(trainer: "ppo.Trainer") -> dict:
+    """The trainer's run settings as they took effect: the device and precision that `auto`
+    resolved to, CUDA graphs only where they ran."""
+    precision = "bf16" if trainer.autocast_dtype == torch.bfloat16 else "fp32"
+    effective = dict(device=str(trainer.device), precision=precision, cuda_graphs=trainer.graphs)
+    return {**dataclasses.asdict(trainer.run_settings), **effective}
+
+
+def run_settings_changes(state: dict, trainer: "ppo.Trainer") -> List[str]:
+    """The run settings in effect now that differ from those of the run `state` continues, such as
+    "precision: fp32 in the run, bf16 now" (none for a checkpoint written before they were kept)."""
+    before, now = state.get("run_settings", {}), effective_run_settings(trainer)
+    changed = [name for name in now if name in before and before[name] != now[name]]
+    return [f"{name}: {before[name]} in the run, {now[name]} now" for name in changed]
 
 
 def restore(trainer: "ppo.Trainer", state: dict) -> bool:
@@ -156,8 +198,10 @@ def restore(trainer: "ppo.Trainer", state: dict) -> bool:
     torch.set_rng_state(state["torch_rng"])
     set_cuda_rng_state(state["cuda_rng"], trainer.device)
 
-    ranks, world = state.get("ranks"), trainer.partner.world_size
-    if ranks is None:
+    ranks, world, game = state.get("ranks"), trainer.partner.world_size, state["configs"]["game"]
+    if game != trainer.configs.game:
+        why = f"they are games of {game}, this run plays {trainer.configs.game}"
+    elif ranks is None:
         why = "it holds none (it was written before games were saved)"
     elif len(ranks) != world or any(len(r["games"]) != trainer.n_workers for r in ranks):
         saved = f"{len(ranks)} rank(s) x {len(ranks[0]['games'])} workers"
@@ -191,7 +235,7 @@ def save_checkpoint(trainer: "ppo.Trainer", run: Path, keep: int, ranks: Optiona
     folder.mkdir(exist_ok=True)
     path = folder / f"update_{trainer.update:07d}.pt"
     atomic_save({"format": CHECKPOINT_FORMAT, **trainer_state(trainer, ranks)}, path)
-    for old in sorted(folder.glob("update_*.pt"))[:-keep]:
+    for old in by_update(folder.glob("update_*.pt"))[:-keep]:
         old.unlink()
     return path
 
@@ -199,7 +243,7 @@ def save_checkpoint(trainer: "ppo.Trainer", run: Path, keep: int, ranks: Optiona
 def find_checkpoint(path: Path) -> Path:
     """`path` itself, or the newest checkpoint of the run folder `path`."""
     if path.is_dir():
-        found = sorted(path.glob("checkpoints/update_*.pt")) or sorted(path.glob("update_*.pt"))
+        found = by_update(path.glob("checkpoints/update_*.pt")) or by_update(path.glob("update_*.pt"))
         if not found:
             raise CheckpointError(f"no checkpoint in {path}")
         return found[-1]
@@ -229,8 +273,13 @@ def load_checkpoint(path, game: Optional[str] = None, data: Optional[bytes] = No
             f"{path} is not a ppo_breakout checkpoint (format {CHECKPOINT_FORMAT}) or policy (format {POLICY_FORMAT})"
         )
     game = game or state["configs"]["game"]
-    if rom_path(game) is None:
-        raise CheckpointError(f"ale-py ships no ROM named {game!r}")
+    try:
+        if rom_path(game) is None:
+            raise CheckpointError(f"ale-py ships no ROM named {game!r}")
+    except RomError as e:
+        raise CheckpointError(str(e)) from None
+    if not all(bool(torch.isfinite(w).all()) for w in state.get("model", {}).values() if w.is_floating_point()):
+        raise CheckpointError(f"{path} holds weights that are not finite numbers: its run had diverged")
     n_actions = len(minimal_actions(game))
     if state["n_actions"] != n_actions:
         raise CheckpointError(
@@ -246,6 +295,7 @@ def export_policy(checkpoint, out: Path) -> dict:
     settings, and where they came from: the update, the env steps and the last 100 games' scores at
     that update. Returns what it wrote."""
     path, state = load_checkpoint(checkpoint)
+    path = path.resolve()  # a relative path from inside checkpoints/ still names its run
     if state["policy_only"]:
         raise CheckpointError(f"{path} is a policy already")
     policy = {
@@ -270,7 +320,7 @@ def job_checkpoint(job: str) -> Optional[str]:
     runs = [
         f.parent for f in Path(lab.get_experiments_path()).glob(f"ppo_breakout/*/{JOB_FILE}") if f.read_text() == job
     ]
-    found = sorted((c for run in runs for c in run.glob("checkpoints/update_*.pt")), key=lambda c: c.name)
+    found = by_update(c for run in runs for c in run.glob("checkpoints/update_*.pt"))
     return str(found[-1]) if found else None
 
 
@@ -285,13 +335,47 @@ def resume(path, explicit: dict) -> Tuple[dict, str]:
             f"argument --resume: {path} is an exported policy (weights and settings, no optimizer state or games): "
             "evaluate plays it, training goes on only from a run's checkpoint"
         )
+    metrics_problem(path, checkpoint["update"])
     updates = explicit.get("updates", checkpoint["configs"]["updates"])
     if updates <= checkpoint["update"]:
         raise CheckpointError(
             f"argument --updates: {updates} is not beyond the checkpoint's update {checkpoint['update']} ({path}); "
             "--updates counts all updates, so give more to train on"
         )
-    return checkpoint, f"continues run {path.parent.parent.name} from update {checkpoint['update']} ({path})"
+    where = f"run {run_folder_of(path).name}" if path.parent.name == "checkpoints" else "a checkpoint file"
+    return checkpoint, f"continues {where} from update {checkpoint['update']} ({path})"
+
+
+def metrics_history(source: Path, update: int) -> Tuple[List[str], Optional[int]]:
+    """The lines of a run's metrics.jsonl up to `update`, and the number of a cut last line left
+    out (a run killed while writing it), or None. Raises RunFileError naming any other line that
+    is not an update's record."""
+    lines, cut = [], None
+    text = source.read_text().splitlines(keepends=True)
+    for number, line in enumerate(text, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            kept = record["update"] <= update
+        except (ValueError, KeyError, TypeError):
+            if number == len(text) and not line.endswith("\n"):
+                cut = number
+                continue
+            raise RunFileError(f"{source} line {number} is not an update's record: {line.strip()[:60]!r}") from None
+        if kept:
+            lines.append(line if line.endswith("\n") else line + "\n")
+    return lines, cut
+
+
+def metrics_problem(checkpoint: Path, update: int):
+    """Refuse, before a resume starts, metrics that the resumed run could not continue."""
+    source = run_folder_of(checkpoint) / "metrics.jsonl"
+    if source.exists():
+        try:
+            metrics_history(source, update)
+        except RunFileError as e:
+            raise CheckpointError(f"argument --resume: {e}") from None
 
 
 class RunFolder:
@@ -315,14 +399,14 @@ class RunFolder:
         """Copy the lines up to `update` of the metrics of the run `checkpoint` belongs to (the
         run folder above its checkpoints/ folder), or say in one line that there are none."""
         folder = run_folder_of(checkpoint)
-        source = folder / "metrics.jsonl"
-        if not source.exists():
+        if not (folder / "metrics.jsonl").exists():
             print(f"No metrics.jsonl in {folder}: this run's metrics begin after update {update}")
             return
-        with open(source) as lines, open(self.path / "metrics.jsonl", "w") as history:
-            for line in lines:
-                if line.strip() and json.loads(line)["update"] <= update:
-                    history.write(line if line.endswith("\n") else line + "\n")
+        lines, cut = metrics_history(folder / "metrics.jsonl", update)
+        if cut:
+            print(f"Dropped the cut last line of {folder / 'metrics.jsonl'} (line {cut}): a run ended while writing it")
+        with open(self.path / "metrics.jsonl", "w") as history:
+            history.writelines(lines)
 
     def keep(self, trainer: "ppo.Trainer", stats: Dict[str, float], ranks: Optional[List[dict]] = None) -> bool:
         """Write the update's metrics and, where every rank's part of a checkpoint is given
@@ -339,16 +423,20 @@ class RunFolder:
             return True
         return False
 
+    def newest_checkpoint(self) -> Optional[Path]:
+        checkpoints = by_update((self.path / "checkpoints").glob("update_*.pt"))
+        return checkpoints[-1] if checkpoints else None
+
     def left_behind(self) -> str:
         """What a run that stopped at once or failed has saved, said as it is."""
-        kept = "; the checkpoint it resumed from stays" if self.resumed else ""
+        kept = f"; the checkpoint it resumed from stays: {self.continues[0]}" if self.resumed else ""
         if not self.updates_kept:
             return f"no update had finished, so nothing was saved{kept}"
-        checkpoints = sorted((self.path / "checkpoints").glob("update_*.pt"))
-        if not checkpoints:
+        newest = self.newest_checkpoint()
+        if newest is None:
             every = f"one every {self.run_settings.checkpoint_every} updates"
             return f"no checkpoint yet ({every}); the metrics are in {self.path}{kept}"
-        return f"the last checkpoint is {checkpoints[-1]}; the metrics are in {self.path}"
+        return f"the last checkpoint is {newest}; the metrics are in {self.path}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -359,12 +447,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         "file, which evaluate and the notebook play.",
     )
     parser.add_argument("checkpoint", help="a checkpoint file, or a run folder (its newest checkpoint)")
-    parser.add_argument("out", type=Path, help="the policy file to write, such as models/breakout_10m.pt")
+    parser.add_argument("out", type=Path, help="the policy file to write, such as logs/my_agent.pt (folders made)")
     args = parser.parse_args(argv)
     if args.out.suffix != ".pt":
         return fail(parser.prog, f"argument out: {args.out} must end in .pt")
-    if not args.out.resolve().parent.is_dir():
-        return fail(parser.prog, f"argument out: folder {args.out.parent} does not exist")
+    try:
+        args.out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return fail(parser.prog, f"argument out: cannot make folder {args.out.parent}: {os_reason(e)}")
     try:
         policy = export_policy(args.checkpoint, args.out)
     except CheckpointError as e:

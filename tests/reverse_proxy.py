@@ -1,5 +1,6 @@
-"""A reverse proxy on its own port in front of a server, as Colab's port proxy serves a kernel's
-port: every request, at the proxy's root path, goes on to the server and its answer comes back."""
+"""Small servers on ports of their own, for the dashboard's tests: a reverse proxy in front of a
+server, as Colab's port proxy serves a kernel's port (every request, at the proxy's root path, goes
+on to the server and its answer comes back), and a page from another origin."""
 
 import http.client
 import threading
@@ -10,7 +11,45 @@ from urllib.parse import urlsplit
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 
 
-class ReverseProxy:
+class BackgroundServer:
+    """A threading HTTP server of `handler` on a free loopback port, at `url`, serving inside `with`."""
+
+    def __init__(self, handler, path: str = ""):
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class PageServer(BackgroundServer):
+    """`with PageServer(html) as page:` serves `html` at `page.url`: a web page from another
+    origin, such as any site the user has open."""
+
+    def __init__(self, html: str):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = html.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(Handler, "/")
+
+
+class ReverseProxy(BackgroundServer):
     """`with ReverseProxy("http://127.0.0.1:5005") as proxy:` serves it at `proxy.url`; `requests`
     lists the (method, path) of every request that came through."""
 
@@ -47,15 +86,4 @@ class ReverseProxy:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)

@@ -2,12 +2,15 @@
 when bad, and `--resume` going on from them."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,6 +31,8 @@ import ppo_breakout
 import run_files
 from ppo_breakout import Trainer, settings
 from run_files import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint, trainer_state
+
+DIVERGING = ["--learning-rate", "1e10", "--lr-schedule", "constant"]  # Adam steps of 1e10: NaN within an update
 
 
 def _equal_states(a, b):
@@ -237,3 +242,211 @@ def test_only_the_trainers_own_cuda_generator_is_saved_and_restored(monkeypatch)
     state["cuda_rng"] = eight  # as the 8-GPU machine wrote it, before
     with resumed_trainer(state, **TINY) as resumed:
         assert resumed.update == 0 and restored == []
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _diverged_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "diverged" in line]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def test_a_run_that_diverges_ends_with_one_line_and_exit_1_before_any_checkpoint(script_dir):
+    args = ["--updates", "3", *TINY_FLAGS, *DIVERGING, "--checkpoint-every", "1", "--dashboard", "off"]
+    result = run_python(script_dir, "ppo_breakout.py", *args)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = _diverged_line(result.stderr)
+    assert "update 1 diverged" in line and "nothing of it was kept" in line, line
+    (run,) = script_dir.glob("logs/ppo_breakout/*")
+    assert not list(run.glob("checkpoints/*")), "the NaN weights were kept"
+    assert not (run / "metrics.jsonl").exists(), "nor the update's metrics"
+
+
+def test_a_resumed_run_that_diverges_keeps_the_checkpoint_it_resumed_from_and_names_it(tmp_path, short_run):
+    checkpoint = short_run / "checkpoints" / "update_0000004.pt"
+    before = _digest(checkpoint)
+    folder = copy_script(tmp_path)  # not short_run's folder: other tests count its runs
+    args = ["--resume", str(short_run), "--updates", "6", *DIVERGING, "--checkpoint-every", "1", "--dashboard", "off"]
+    result = run_python(folder, "ppo_breakout.py", *args)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = _diverged_line(result.stderr)
+    assert "update 5 diverged" in line and "nothing of it was kept" in line, line
+    assert line.endswith(f"the checkpoint it resumed from stays: {checkpoint}"), line
+    assert _digest(checkpoint) == before
+    assert not list(tmp_path.rglob("update_0000005.pt")) and not list(short_run.rglob("update_0000005.pt"))
+
+
+def _with_a_nan_weight(short_run, path):
+    state = torch.load(find_checkpoint(short_run), weights_only=True)
+    state["model"]["conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["export", "evaluate", "--resume"])
+def test_a_checkpoint_with_weights_that_are_not_finite_is_refused_in_one_line(
+    tmp_path, short_run, monkeypatch, capsys, command
+):
+    bad = _with_a_nan_weight(short_run, tmp_path / "diverged.pt")
+    out = tmp_path / "policy.pt"
+    args = {
+        "export": ["export", str(bad), str(out)],
+        "evaluate": ["evaluate", str(bad), "--episodes", "1"],
+        "--resume": ["--resume", str(bad)],
+    }[command]
+    assert resume(copy_script(tmp_path), monkeypatch, *args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "not finite numbers" in lines[0] and str(bad) in lines[0], lines
+    assert not out.exists() and not (tmp_path / "logs").exists(), "nothing written, no run started"
+
+
+def _metrics_of_the_first_updates(short_run, tmp_path, after) -> tuple:
+    """A run folder under `tmp_path` with short_run's checkpoint of update 2 and its metrics of
+    updates 1 and 2 followed by `after`; the folder to resume from and those two records."""
+    old = tmp_path / "old_run"
+    (old / "checkpoints").mkdir(parents=True)
+    checkpoint = short_run / "checkpoints" / "update_0000002.pt"
+    (old / "checkpoints" / checkpoint.name).write_bytes(checkpoint.read_bytes())
+    records = (short_run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (old / "metrics.jsonl").write_text("".join(records[:2]) + after)
+    return old, records[:2]
+
+
+def test_a_cut_last_line_of_the_metrics_is_dropped_on_resume_in_one_line(tmp_path, short_run):
+    third = (short_run / "metrics.jsonl").read_text().splitlines()[2]
+    old, first = _metrics_of_the_first_updates(short_run, tmp_path, third[: len(third) // 2])  # killed mid-write
+    folder = copy_script(tmp_path)
+    result = run_python(folder, "ppo_breakout.py", "--resume", str(old), "--updates", "3", "--dashboard", "off")
+    assert result.returncode == 0, result.stderr[-3000:]
+    dropped = [line for line in result.stdout.splitlines() if line.startswith("Dropped the cut last line of")]
+    assert len(dropped) == 1 and str(old / "metrics.jsonl") in dropped[0], result.stdout[-3000:]
+    (run,) = folder.glob("logs/ppo_breakout/*")
+    metrics = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert metrics[:2] == first and len(metrics) == 3 and json.loads(metrics[2])["update"] == 3
+
+
+def test_a_bad_line_inside_the_metrics_refuses_the_resume_in_one_line(tmp_path, short_run, monkeypatch, capsys):
+    old, _ = _metrics_of_the_first_updates(short_run, tmp_path, "")
+    lines = (old / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (old / "metrics.jsonl").write_text(lines[0] + "garbage\n" + lines[1])
+    folder = copy_script(tmp_path)
+    assert resume(folder, monkeypatch, "--resume", str(old), "--updates", "3", "--dashboard", "off") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("ppo_breakout.py: error: argument --resume: ") and "line 2 " in line, line
+    assert str(old / "metrics.jsonl") in line and "garbage" in line, line
+    assert not (folder / "logs").exists()
+
+
+def test_a_resume_into_another_game_starts_new_games_and_says_so(tmp_path, short_run):
+    folder = copy_script(tmp_path)
+    args = ["--resume", str(short_run), "--updates", "5", "--game", "atlantis", "--dashboard", "off"]  # 4 actions too
+    result = run_python(folder, "ppo_breakout.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    why = "Starting new games, not the checkpoint's: they are games of breakout, this run plays atlantis"
+    assert why in result.stdout.splitlines(), result.stdout[-3000:]
+    (run,) = folder.glob("logs/ppo_breakout/*")
+    written = torch.load(run / "checkpoints" / "update_0000005.pt", weights_only=True)
+    assert written["configs"]["game"] == "atlantis"
+
+
+NUMBERS = ["update_9999998.pt", "update_9999999.pt", "update_10000000.pt"]  # by name, 10000000 sorts first
+
+
+def _checkpoint_files(folder, names=NUMBERS):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")
+    return [folder / name for name in names]
+
+
+def test_checkpoints_are_found_and_rotated_by_update_number_not_name(tmp_path):
+    files = _checkpoint_files(tmp_path / "checkpoints")
+    assert run_files.by_update(reversed(files)) == files
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "update_10000000.pt"
+    with Trainer(*settings(**TINY)) as trainer:
+        trainer.update = 10_000_001
+        save_checkpoint(trainer, tmp_path, keep=2)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["update_10000000.pt", "update_10000001.pt"]
+
+
+def test_the_last_checkpoint_a_run_left_behind_is_its_highest_update(tmp_path, monkeypatch):
+    _checkpoint_files(tmp_path / "checkpoints")
+    labml_run = SimpleNamespace(run=SimpleNamespace(run_path=str(tmp_path)))
+    monkeypatch.setattr(run_files, "experiment_singleton", lambda: labml_run)
+    run = run_files.RunFolder(ppo_breakout.RunSettings())
+    run.updates_kept = 1
+    last = tmp_path / "checkpoints" / "update_10000000.pt"
+    assert run.left_behind() == f"the last checkpoint is {last}; the metrics are in {tmp_path}"
+
+
+def test_a_torchrun_jobs_newest_checkpoint_is_its_highest_update_over_its_run_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_files.lab, "get_experiments_path", lambda: str(tmp_path))
+    for run, names in [("first", NUMBERS[:2]), ("restarted", NUMBERS[2:]), ("other_job", ["update_10000005.pt"])]:
+        _checkpoint_files(tmp_path / "ppo_breakout" / run / "checkpoints", names)
+        (tmp_path / "ppo_breakout" / run / run_files.JOB_FILE).write_text("other" if run == "other_job" else "job")
+    assert run_files.job_checkpoint("job") == str(tmp_path / "ppo_breakout" / "restarted" / "checkpoints" / NUMBERS[2])
+
+
+def test_a_resumed_loose_checkpoint_file_is_named_as_a_file_not_a_run(tmp_path, short_run):
+    folder = copy_script(tmp_path)
+    loose = folder / "loose.pt"  # not in a run's checkpoints/ folder
+    loose.write_bytes((short_run / "checkpoints" / "update_0000004.pt").read_bytes())
+    result = run_python(folder, "ppo_breakout.py", "--resume", str(loose), "--updates", "5", "--dashboard", "off")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = folder.glob("logs/ppo_breakout/*")
+    comment = (run / "run.yaml").read_text()
+    assert f"continues a checkpoint file from update 4 ({loose})" in comment, comment
+    assert "continues run" not in comment and "continues run" not in result.stdout
+
+
+def test_atomic_save_syncs_the_folder_after_the_rename(tmp_path, monkeypatch):
+    path, synced, fsync = tmp_path / "update_0000001.pt", [], os.fsync
+
+    def recording(fd):
+        synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), path.exists()))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    run_files.atomic_save({"update": 1}, path)
+    assert synced == [(False, False), (True, True)]  # the file before the rename, then its folder
+
+
+def test_a_second_ctrl_c_while_a_checkpoint_is_written_leaves_no_tmp_file_and_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "update_0000001.pt"
+    run_files.atomic_save({"update": 1}, path)
+    before = _digest(path)
+
+    def interrupted(state, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_files.atomic_save({"update": 2}, path)
+    assert list(tmp_path.iterdir()) == [path] and _digest(path) == before
+
+
+def test_a_resume_records_its_run_settings_and_says_which_differ_from_the_runs(tmp_path):
+    folder = copy_script(tmp_path)
+    args = ["--updates", "2", *TINY_FLAGS, "--dashboard", "off"]
+    first = run_python(folder, "ppo_breakout.py", *args, "--precision", "fp32", "--checkpoint-every", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (old,) = folder.glob("logs/ppo_breakout/*")
+    recorded = torch.load(old / "checkpoints" / "update_0000002.pt", weights_only=True)["run_settings"]
+    assert recorded["precision"] == "fp32" and recorded["device"] == "cpu" and recorded["checkpoint_every"] == 1
+    result = run_python(folder, "ppo_breakout.py", "--resume", str(old), "--updates", "3", "--precision", "bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [line for line in result.stdout.splitlines() if "Run settings that differ" in line]
+    assert line.startswith("Run settings that differ from the run this continues: "), line
+    assert "precision: fp32 in the run, bf16 now" in line and "checkpoint_every: 1 in the run, 50 now" in line, line
+    assert "device" not in line, line  # the same cpu
+    (new,) = [r for r in folder.glob("logs/ppo_breakout/*") if r != old]
+    written = torch.load(new / "checkpoints" / "update_0000003.pt", weights_only=True)
+    assert written["run_settings"]["precision"] == "bf16"  # this command line's, not applied from the run's
+    run_setting_names = {f.name for f in dataclasses.fields(ppo_breakout.RunSettings)}
+    assert not set(written["configs"]) & run_setting_names

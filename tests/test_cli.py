@@ -1,10 +1,13 @@
 """`python ppo_breakout.py`: bad input refused before anything starts, a run's files, and how a run
 ends: a dead worker, Ctrl-C, SIGTERM, a terminal's hang-up, nohup."""
 
+import contextlib
 import json
 import os
 import re
 import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from conftest import (
     LONG_RUN,
     ROOT,
     TINY,
+    TINY_FLAGS,
     assert_gone,
     checkpointed_last_update,
     ctrl_c,
@@ -29,6 +33,20 @@ from conftest import (
 
 import cli
 
+# a number that is not finite, in any float flag: before, inf slipped past the checks of range (inf >= 0:
+# a learning rate of inf started a run) and nan was refused as out of range, or not at all. Given as
+# FLAG=VALUE: after a space, argparse takes -inf for a flag of its own ("expected one argument")
+NON_FINITE = [
+    ("--learning-rate", "inf"),
+    ("--adam-eps", "nan"),
+    ("--value-loss-coef", "inf"),
+    ("--entropy-bonus-coef", "-inf"),
+    ("--clip-range", "nan"),
+    ("--gamma", "inf"),
+    ("--lambda", "nan"),
+    ("--max-grad-norm", "inf"),
+]
+WORKER_TIMEOUTS = ["0", "-1", "inf", "nan"]  # a run whose hung worker is never noticed, or at once
 BAD_INPUTS = [
     (["--updates", "0"], "--updates", "positive"),
     (["--epochs", "-1"], "--epochs", "positive"),
@@ -56,6 +74,10 @@ BAD_INPUTS = [
     (["--worker-steps", "10000000"], "--worker-steps", "GiB of memory"),
     (["--n-workers", "100000"], "--n-workers", "worker processes need about"),
     (["--rollout-threads", str(os.cpu_count() + 1)], "--rollout-threads", f"{os.cpu_count()} CPUs"),
+    *[([f"{flag}={value}"], flag, f"must be a finite number, got {value} (see --help)") for flag, value in NON_FINITE],
+    # 32 samples in 32 minibatches: one sample has no standard deviation to normalise its advantage by
+    (["--n-workers", "2", "--worker-steps", "16", "--batches", "32"], "--batches", "minibatches of 1 sample: need 2"),
+    *[(["--worker-timeout", t], "--worker-timeout", "must be a positive number of seconds") for t in WORKER_TIMEOUTS],
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["--device", "cuda"], "--device", "CUDA is not available"))
@@ -66,8 +88,34 @@ def test_bad_input_exits_2_naming_the_flag_and_starts_nothing(script_dir, monkey
     # the entry point's own main(), called here: the command line below shows it is the script's
     monkeypatch.chdir(script_dir)
     assert run_main(cli.main, *args) == 2
-    last_line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert flag in last_line and problem in last_line, last_line
+    (line,) = capsys.readouterr().err.strip().splitlines()  # one line, the problem's
+    assert line.startswith(f"ppo_breakout.py: error: argument {flag}: ") and problem in line, line
+    assert not (script_dir / "logs").exists(), "no run folder may be written"
+
+
+# where ale-py looks for its ROMs: ALE_ROMS_DIR, a folder without breakout.bin or no folder at all
+# (before: ale-py's FileNotFoundError or NotADirectoryError, a traceback and exit 1, in both commands)
+ROM_FOLDERS = ["an empty folder", "a folder that does not exist"]
+ROM_COMMANDS = {
+    "training": ("ppo_breakout.py", ["--updates", "1", *TINY_FLAGS, "--dashboard", "off"]),
+    "evaluate": ("ppo_breakout.py evaluate", ["evaluate", str(ROOT / "models" / "breakout_10m.pt"), "--episodes", "1"]),
+}
+
+
+@pytest.mark.parametrize("command", ROM_COMMANDS)
+@pytest.mark.parametrize("folder", ROM_FOLDERS)
+def test_a_missing_rom_is_one_line_naming_the_game_and_where_ale_py_looked(script_dir, monkeypatch, folder, command):
+    roms = script_dir / "roms"
+    if folder == "an empty folder":
+        roms.mkdir()
+    monkeypatch.setenv("ALE_ROMS_DIR", str(roms))  # the program's environment, as a user's shell sets it
+    prog, args = ROM_COMMANDS[command]
+    result = run_python(script_dir, "ppo_breakout.py", *args, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"{prog}: error: "), line
+    assert f"no usable ROM of breakout where ale-py looked (ALE_ROMS_DIR={roms})" in line, line
     assert not (script_dir / "logs").exists(), "no run folder may be written"
 
 
@@ -141,7 +189,16 @@ def test_a_short_run_finishes_and_writes_its_metrics_and_checkpoints(short_cli_r
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in records] == [1, 2, 3, 4]
     assert [r["env_steps"] for r in records] == [32, 64, 96, 128]
-    assert "policy_reward" in result.stdout and "steps_per_second" in result.stdout
+    # one short progress line a person reads (into a file: the first update's and the last one's),
+    # then the last line; the full metrics are labml's and metrics.jsonl's
+    progress = [line for line in result.stdout.splitlines() if line.startswith("update ")]
+    assert progress[0].startswith("update 1 of 4  32 env steps  ") and progress[-1].startswith("update 4 of 4  128 env")
+    assert all(" env steps/s  " in line and line.endswith(" left") and len(line) < 120 for line in progress)
+    assert "policy_reward" not in result.stdout
+    (last,) = [line for line in result.stdout.splitlines() if line.startswith("Finished: ")]
+    assert last.startswith("Finished: 4 updates, 128 env steps, ")
+    assert str(run / "checkpoints" / "update_0000004.pt") in last
+    assert f"Run folder: {run}" in result.stdout
     # --checkpoint-every 2
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["update_0000002.pt", "update_0000004.pt"]
 
@@ -157,10 +214,29 @@ def test_the_run_records_the_settings_given_as_given_and_the_rest_as_defaults(sh
     assert configs["n_workers"]["value"] == TINY["n_workers"] and not configs["gamma"]["is_explicitly_specified"]
 
 
-def test_a_worker_killed_during_a_run_ends_it_with_a_clear_error_and_no_orphans(script_dir):
-    process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN)
+def wait_for_a_checkpoint(folder: Path, process) -> Path:
+    """Wait until the one run under `folder` has written a checkpoint; its run folder."""
+
+    def written():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        return [checkpoint.parent.parent for checkpoint in folder.glob("logs/ppo_breakout/*/checkpoints/update_*.pt")]
+
+    return wait_for(written, 120, "the first checkpoint")[0]
+
+
+def named_checkpoint(line: str, run: Path) -> Path:
+    """The checkpoint `line` says the run keeps, once checked to be the newest of `run`."""
+    named = re.search(r"the last checkpoint is (\S+\.pt); ", line)
+    assert named, line
+    newest = max(run.glob("checkpoints/update_*.pt"), key=lambda path: int(path.stem.removeprefix("update_")))
+    assert Path(named[1]).resolve() == newest.resolve(), line
+    return newest
+
+
+def test_a_worker_killed_during_a_run_ends_it_with_a_clear_error_naming_the_checkpoint_kept_and_no_orphans(script_dir):
+    process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN, "--checkpoint-every", "1")
     try:
-        wait_for_first_update(script_dir, process)
+        run = wait_for_a_checkpoint(script_dir, process)
         workers = descendants(process.pid)
         assert len(workers) == 2
         victim = min(workers)
@@ -171,9 +247,93 @@ def test_a_worker_killed_during_a_run_ends_it_with_a_clear_error_and_no_orphans(
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert process.returncode == 1
-    assert f"pid {victim}) died: killed by signal SIGKILL" in stderr.strip().splitlines()[-1]
+    last_line = stderr.strip().splitlines()[-1]
+    assert f"pid {victim}) died: killed by signal SIGKILL; the update in progress is lost; " in last_line, last_line
+    named_checkpoint(last_line, run)
     assert "Traceback" not in stderr
     assert_gone(workers)
+
+
+def quiet(metrics: Path, seconds: float):
+    """For wait_for: true once the run's metrics have not grown for `seconds`."""
+    seen = dict(lines=None, since=0.0)
+
+    def unchanged() -> bool:
+        lines = len(metrics.read_text().splitlines())
+        if lines != seen["lines"]:
+            seen.update(lines=lines, since=time.monotonic())
+        return time.monotonic() - seen["since"] >= seconds
+
+    return unchanged
+
+
+def go_on(pid: int):
+    """SIGCONT to a process a test stopped, so that nothing stays stopped (one that ended is gone)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_hung_worker_ends_the_run_after_the_worker_timeout_naming_it_and_the_checkpoint_kept(script_dir):
+    args = [*LONG_RUN, "--checkpoint-every", "1", "--worker-timeout", "3", "--dashboard", "off"]
+    process = start_in_own_session(script_dir, "ppo_breakout.py", *args)
+    victim = None
+    try:
+        run = wait_for_a_checkpoint(script_dir, process)
+        workers = descendants(process.pid)
+        assert len(workers) == 2
+        victim = min(workers)
+        os.kill(victim, signal.SIGSTOP)  # alive, but it answers no more: as a deadlocked or swapped-out worker
+        hung_at = time.monotonic()
+        _, stderr = process.communicate(timeout=60)
+        took = time.monotonic() - hung_at
+    finally:
+        if victim is not None:
+            go_on(victim)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 1, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last_line = stderr.strip().splitlines()[-1]
+    hung = f"(pid {victim}) has not answered in 3 s (--worker-timeout): hung; the update in progress is lost; "
+    assert re.search(r"^error: worker \d ", last_line) and hung in last_line, last_line
+    named_checkpoint(last_line, run)
+    assert_gone(workers)
+    # its 3 s, then the hung worker killed at once: well within a loaded machine's 30 s
+    assert took < 30, f"the run took {took:.1f} s to end"
+
+
+def test_a_first_ctrl_c_while_a_worker_hangs_ends_the_run_in_seconds_naming_the_checkpoint_kept(script_dir):
+    # the default --worker-timeout, a minute; once a stop is asked for, a worker gets STOPPING_TIMEOUT_S
+    process = start_in_own_session(script_dir, "ppo_breakout.py", *LONG_RUN, "--checkpoint-every", "1")
+    hung = dict(run=None, victim=None, workers=set(), at=None)
+
+    def the_trainer_waits_for_a_stopped_worker():
+        hung["run"] = wait_for_a_checkpoint(script_dir, process)
+        hung["workers"] = descendants(process.pid)
+        assert len(hung["workers"]) == 2
+        hung["victim"] = min(hung["workers"])
+        os.kill(hung["victim"], signal.SIGSTOP)
+        # no update ends any more: the trainer waits for the worker's steps
+        wait_for(quiet(hung["run"] / "metrics.jsonl", 2), 30, "the run to wait for the stopped worker")
+        hung["at"] = time.monotonic()
+
+    try:
+        _, stderr = ctrl_c(process, the_trainer_waits_for_a_stopped_worker, timeout=30)
+    finally:
+        if hung["victim"] is not None:
+            go_on(hung["victim"])
+    took, victim = time.monotonic() - hung["at"], hung["victim"]
+    assert process.returncode == 1, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "SIGINT: stopping after this update" in stderr
+    last_line = stderr.strip().splitlines()[-1]
+    expected = f"(pid {victim}) has not answered in 5 s after the stop signal: hung; the update in progress is lost; "
+    assert expected in last_line, last_line
+    named_checkpoint(last_line, hung["run"])
+    assert_gone(hung["workers"])
+    # STOPPING_TIMEOUT_S is 5 s: far from the 60 s of --worker-timeout, which it would wait without it
+    assert took < 30, f"the run took {took:.1f} s to end after Ctrl-C"
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

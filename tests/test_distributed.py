@@ -161,13 +161,39 @@ def test_rank_0_sends_its_checkpoint_to_every_rank_so_that_they_need_no_shared_f
     assert out.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("worker", [False, True], ids=["the rank", "a game worker of the rank"])
-def test_a_killed_rank_ends_the_job_within_60_s_naming_it_and_leaves_no_process(tmp_path, worker):
+def checkpoints(folder: Path) -> list:
+    """The checkpoints of the runs under `folder`, oldest update first."""
+    found = folder.glob("logs/ppo_breakout/*/checkpoints/update_*.pt")
+    return sorted(found, key=lambda path: int(path.stem.removeprefix("update_")))
+
+
+def checkpoints_named_kept(log: str) -> set:
+    """The checkpoints the lines of a job's log say it keeps: rank 0's when it lost the others, and
+    any rank's own when it failed ("the last checkpoint is ...")."""
+    lost = re.findall(r"the job's newest checkpoint stays: update (\d+) \((\S+?\.pt)\)", log)
+    assert all(Path(path).name == f"update_{int(update):07d}.pt" for update, path in lost), lost
+    own = re.findall(r"the last checkpoint is (\S+?\.pt);", log)
+    return {Path(path).resolve() for path in [path for _, path in lost] + own}
+
+
+# the rank itself before the job's first checkpoint (one every 50 updates); a game worker of either
+# rank after it, as the job's newest checkpoint is named however it ends
+KILLED = {"the rank": (1, False), "a game worker of the rank": (1, True), "a game worker of rank 0": (0, True)}
+
+
+@pytest.mark.parametrize("rank,worker", KILLED.values(), ids=KILLED.keys())
+def test_a_killed_rank_ends_the_job_within_60_s_naming_it_and_the_checkpoint_kept_and_leaves_no_process(
+    tmp_path, rank, worker
+):
     folder = copy_script(tmp_path)
-    job = torchrun(folder, "--updates", "100000", *TINY_FLAGS)
+    every = ["--checkpoint-every", "1"] if worker else []
+    job = torchrun(folder, "--updates", "100000", *every, *TINY_FLAGS)
     try:
-        wait_for(lambda: metrics_files(folder), 120, "the first update")
-        killed = rank_pid(job.pid, 1, worker)
+        if worker:
+            wait_for(lambda: checkpoints(folder), 120, "the first checkpoint")
+        else:
+            wait_for(lambda: metrics_files(folder), 120, "the first update")
+        killed = rank_pid(job.pid, rank, worker)
         os.kill(killed, signal.SIGKILL)
         killed_at = time.monotonic()
         code = job.wait(timeout=60)
@@ -178,18 +204,24 @@ def test_a_killed_rank_ends_the_job_within_60_s_naming_it_and_leaves_no_process(
     log = (folder / "torchrun.log").read_text()
     assert code != 0
     # torchrun's report has a block for each rank that failed; which one it calls the root cause is
-    # a race between rank 1's end and rank 0's lost collective, so the blocks are read, not their order
+    # a race between the failed rank's end and the other's lost collective, so the blocks are read, not their order
     blocks = re.split(r"\n\[\d+\]:\n", log.split("Failures:", 1)[-1])
-    (rank_1,) = [block for block in blocks if "rank      : 1 (local_rank: 1)" in block]
-    if worker:  # the rank named the worker that died, and ended
-        assert re.search(rf"error: rank 1: worker \d \(pid {killed}\) died: killed by signal SIGKILL", log), log[-3000:]
-        assert "exitcode  : 1 " in rank_1, log[-3000:]
-    else:
-        assert f"Signal 9 (SIGKILL) received by PID {killed}" in rank_1, log[-3000:]
-    # the survivor says it lost the others, and what the job keeps: nothing yet (one every 50 updates)
-    (survivor,) = [line for line in errors(log) if "rank 0:" in line]
-    assert "rank 0: lost the other ranks (" in survivor, log[-3000:]
-    assert survivor.endswith("no checkpoint of this job yet (one every 50 updates)"), survivor
+    (failed,) = [block for block in blocks if f"rank      : {rank} (local_rank: {rank})" in block]
+    other = 1 - rank
+    (survivor,) = [line for line in errors(log) if f"rank {other}:" in line]
+    assert f"rank {other}: lost the other ranks (" in survivor, log[-3000:]
+    if not worker:
+        assert f"Signal 9 (SIGKILL) received by PID {killed}" in failed, log[-3000:]
+        # the survivor says what the job keeps: nothing yet (one every 50 updates)
+        assert survivor.endswith("no checkpoint of this job yet (one every 50 updates)"), survivor
+        return
+    # the rank named the worker that died and what it lost, and ended
+    died = rf"error: rank {rank}: worker \d \(pid {killed}\) died: killed by signal SIGKILL; "
+    assert re.search(died + "the update in progress is lost; ", log), log[-3000:]
+    assert "exitcode  : 1 " in failed, log[-3000:]
+    # some line names the checkpoint the job keeps, its newest: rank 0's, whichever rank's worker died
+    assert checkpoints(folder)[-1].resolve() in checkpoints_named_kept(log), log[-3000:]
+    assert all(path.exists() for path in checkpoints_named_kept(log))
 
 
 def test_a_ranks_own_failure_is_reported_with_its_type_and_the_survivor_names_the_checkpoint_kept(tmp_path):
@@ -229,6 +261,43 @@ def test_a_ranks_own_failure_is_reported_with_its_type_and_the_survivor_names_th
     stopped = [line for line in log.splitlines() if line == f"Stopped at update 2; checkpoint and metrics are in {run}"]
     assert len(lost + stopped) == 1, log[-3000:]
     assert [p.name for p in (run / "checkpoints").glob("*.pt")] == ["update_0000002.pt"]
+
+
+# rank 1 on a machine of its own, which has no copy of the run a job resumes: an open of any file
+# there fails, and says so on the rank's stderr (an audit hook sees every open: open(), io.open, os.open)
+NOT_ON_RANK_1S_MACHINE = """
+if os.environ["RANK"] == "1":
+
+    def _not_on_this_machine(event, args, folder={folder!r}):
+        path = args[0] if event == "open" else None
+        if isinstance(path, (str, bytes, os.PathLike)) and os.fsdecode(path).startswith(folder):
+            os.write(2, f"rank 1 opened {{os.fsdecode(path)}}\\n".encode())  # past any redirect of sys.stderr
+            raise FileNotFoundError(2, "No such file or directory (not on rank 1's machine)", os.fsdecode(path))
+
+    sys.addaudithook(_not_on_this_machine)
+"""
+
+
+def test_a_resumed_job_reads_the_checkpoint_on_rank_0_alone_and_sends_it_to_the_others(tmp_path, short_run):
+    folder = copy_script(tmp_path)
+    patch_script(folder, NOT_ON_RANK_1S_MACHINE.format(folder=str(short_run)))
+    checkpoint = short_run / "checkpoints" / "update_0000004.pt"  # a single process's, of the tiny configuration
+    job = torchrun(folder, "--resume", str(checkpoint), "--updates", "5")
+    try:
+        code = job.wait(timeout=180)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    log = (folder / "torchrun.log").read_text()
+    assert "rank 1 opened" not in log, log[-3000:]
+    assert code == 0, log[-3000:]
+    (run,) = folder.glob("logs/ppo_breakout/*")
+    assert f"continues run {short_run.name} from update 4 ({checkpoint})" in (run / "run.yaml").read_text()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in records] == [1, 2, 3, 4, 5]  # the run it continues, and its own update
+    assert records[-1]["env_steps"] == 128 + 64  # 2 ranks x 2 workers x 16 steps on the checkpoint's 128
+    state = torch.load(run / "checkpoints" / "update_0000005.pt", weights_only=True)
+    assert len(state["ranks"]) == 2 and state["configs"]["updates"] == 5
 
 
 def quiet(run: Path, seconds: float):

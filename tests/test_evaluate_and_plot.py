@@ -1,13 +1,19 @@
 """`python ppo_breakout.py evaluate` (evaluate.py) and `plot` (plots.py), on the shared short run."""
 
+import errno
+import json
+import os
 import re
+import shutil
 import sys
 
 import imageio.v3 as iio
+import matplotlib.figure
 import matplotlib.image
 import numpy as np
 import pytest
 import scipy.stats
+import torch
 from conftest import (
     ROOT,
     ctrl_c,
@@ -20,9 +26,11 @@ from conftest import (
 )
 
 import cli
+import plots
 import ppo_breakout
 from evaluate import play_game
 from plots import PLOT_DPI, PLOT_SIZE, plot_runs
+from run_files import find_checkpoint
 
 
 def run(*args, cwd=ROOT, timeout=300, preexec_fn=None):
@@ -158,6 +166,19 @@ def test_sticky_actions_reach_the_emulator_and_the_summary_names_them(five_games
     assert "sticky actions 0.25 (repeat_action_probability, Machado et al. 2018)" in five_games["0.25"]
 
 
+def test_evaluate_plays_with_the_sticky_actions_the_policy_trained_with_unless_told(short_run, tmp_path):
+    # a checkpoint of a run trained with --sticky-actions 0.25
+    state = torch.load(find_checkpoint(short_run), weights_only=True)
+    state["configs"]["sticky_actions"] = 0.25
+    torch.save(state, tmp_path / "update_0000004.pt")
+    games = ["evaluate", str(tmp_path / "update_0000004.pt"), "--episodes", "5", "--seed", "7"]
+    default, told = run(*games), run(*games, "--sticky-actions", "0")
+    assert default.returncode == told.returncode == 0, default.stderr[-2000:] + told.stderr[-2000:]
+    assert "sticky actions 0.25 (repeat_action_probability, Machado et al. 2018) (as in training)" in default.stdout
+    assert "no sticky actions (trained with 0.25)" in told.stdout
+    assert game_lines(default.stdout) != game_lines(told.stdout), "the emulator repeated actions in one"
+
+
 def test_the_interquartile_mean_and_its_interval_are_scipy_s_on_the_printed_scores(five_games):
     out = five_games["0.25"]
     scores = np.array([score for _, score, _ in game_lines(out)])
@@ -197,7 +218,7 @@ def test_ctrl_c_during_evaluate_prints_the_games_played_so_far_and_exits_130(sho
     (line,) = stderr.strip().splitlines()
     played = int(re.fullmatch(r"ppo_breakout.py evaluate: stopped by Ctrl-C after (\d+) of 1000 games", line)[1])
     assert 1 <= played < 1000
-    assert f"over {played} games" in stdout and f"video:      {video}" in stdout
+    assert f"over {played} game{'s' if played > 1 else ''}\n" in stdout and f"video:      {video}" in stdout
     assert iio.imread(video).shape[1:] == (210, 160, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["game.mp4"]  # no partial file beside it
 
@@ -221,6 +242,16 @@ BAD_PATHS = [
     (["plot", "{run}", "-o", "curve.txt"], "--output: curve.txt must end in .png, .pdf, .svg"),
     # without a suffix matplotlib would have written curve.png while we said "wrote curve"
     (["plot", "{run}", "-o", "curve"], "--output: curve must end in"),
+    # what argparse itself finds wrong: its usage block before the error made these 4 or 5 lines
+    (["evaluate", "{run}", "--episodes", "abc"], "argument --episodes: invalid int value: 'abc'"),
+    (["evaluate", "{run}", "--seed", "1.5"], "argument --seed: invalid int value: '1.5'"),
+    (["evaluate", "{run}", "--episodes"], "argument --episodes: expected one argument"),
+    (["evaluate", "{run}", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["evaluate"], "the following arguments are required: checkpoint"),
+    (["plot", "{run}", "--baseline", "high"], "argument --baseline: invalid float value: 'high'"),
+    (["plot", "{run}", "--max-steps", "1e6"], "argument --max-steps: invalid int value: '1e6'"),
+    (["plot", "{run}", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["plot"], "the following arguments are required: RUN_FOLDER"),
 ]
 
 
@@ -235,7 +266,15 @@ def test_bad_paths_exit_2_with_one_line(short_run, tmp_path, monkeypatch, capsys
     assert lines[0].startswith(f"ppo_breakout.py {args[0]}: error: "), lines
 
 
-@pytest.mark.parametrize("args", [["evaluate", "missing.pt"], ["plot", "no/such/run"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["evaluate", "missing.pt"],
+        ["plot", "no/such/run"],
+        ["evaluate", "missing.pt", "--episodes", "abc"],
+        ["plot", "no/such/run", "--baseline", "high"],
+    ],
+)
 def test_a_bad_path_on_the_command_line_is_one_line_and_exit_2(tmp_path, args):
     result = run(*args, cwd=tmp_path, timeout=60)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -276,6 +315,7 @@ def test_plot_writes_a_png_of_the_right_size(short_run, tmp_path, capsys):
     args = ["plot", str(short_run), str(short_run), "-o", str(output), "--baseline", "1.2"]
     assert run_main(cli.main, *args) == 0
     assert capsys.readouterr().out.strip() == f"wrote {output}"
+    assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]  # and no temporary file beside it
     image = matplotlib.image.imread(output)
     assert image.shape[:2] == (PLOT_SIZE[1] * PLOT_DPI, PLOT_SIZE[0] * PLOT_DPI)
     assert np.unique(image.reshape(-1, image.shape[-1]), axis=0).shape[0] > 10  # something was drawn
@@ -292,3 +332,127 @@ def test_plot_cuts_runs_at_max_steps_and_names_them_by_label(short_run, tmp_path
 
 def test_a_run_draws_its_own_curve_as_it_trains(short_run):
     assert (short_run / "curve.png").stat().st_size > 10_000
+
+
+def run_copy(short_run, folder):
+    """A run folder of the short run's metrics.jsonl and curve.png, for a test to spoil."""
+    folder.mkdir()
+    for name in ("metrics.jsonl", "curve.png"):
+        shutil.copy(short_run / name, folder)
+    return folder
+
+
+@pytest.mark.parametrize("how", ["plot", "refresh_curve"])
+def test_a_full_disk_leaves_the_old_curve_whole_and_no_partial_file(short_run, tmp_path, monkeypatch, capsys, how):
+    # savefig wrote straight onto curve.png, so a full disk left it cut, or at 0 bytes
+    run = run_copy(short_run, tmp_path / "run")
+    before = (run / "curve.png").read_bytes()
+    saves = []
+
+    def full_disk_midway(figure, fname, *args, **kwargs):
+        saves.append(fname)
+        half = before[: len(before) // 2]
+        if hasattr(fname, "write"):
+            fname.write(half)
+        else:
+            with open(fname, "wb") as f:
+                f.write(half)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk_midway)
+    if how == "plot":
+        assert run_main(cli.main, "plot", str(run)) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == f"ppo_breakout.py plot: error: cannot write {run / 'curve.png'}: No space left on device"
+    else:
+        plots.refresh_curve(run)  # what training calls at every checkpoint: it logs, and the run goes on
+    assert len(saves) == 1  # the image was written, and failed half way
+    assert (run / "curve.png").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == ["curve.png", "metrics.jsonl"]
+
+
+def test_a_new_curve_is_on_the_disk_before_it_replaces_the_old_one(short_run, tmp_path, monkeypatch):
+    run = run_copy(short_run, tmp_path / "run")
+    (run / "curve.png").write_bytes(b"the old image")
+    done = []
+    fsync, replace = os.fsync, os.replace
+
+    def spied_fsync(fd):
+        done.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def spied_replace(source, target):
+        done.append(("replace", str(source), str(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", spied_fsync)
+    monkeypatch.setattr(os, "replace", spied_replace)
+    plots.refresh_curve(run)
+    (_, synced), (_, source, target) = [step for step in done if str(run) in step[1]]
+    # the whole image, flushed, then renamed over the old one from beside it: never a cut curve.png
+    assert synced == source and os.path.dirname(source) == str(run) and target == str(run / "curve.png")
+    assert matplotlib.image.imread(run / "curve.png").shape[:2] == (PLOT_SIZE[1] * PLOT_DPI, PLOT_SIZE[0] * PLOT_DPI)
+    assert sorted(p.name for p in run.iterdir()) == ["curve.png", "metrics.jsonl"]
+
+
+def test_plot_says_in_one_line_that_it_skipped_a_cut_line_of_metrics(short_run, tmp_path, capsys):
+    # a crash mid-write cuts the last line; plot drew the others, and said nothing of the one it left out
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = (short_run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("".join(lines) + lines[-1][:30])
+    assert run_main(cli.main, "plot", str(run)) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"ppo_breakout.py plot: skipped 1 unreadable line of {metrics} (line {len(lines) + 1})"]
+    assert out.strip() == f"wrote {run / 'curve.png'}"
+    assert matplotlib.image.imread(run / "curve.png").shape[:2] == (PLOT_SIZE[1] * PLOT_DPI, PLOT_SIZE[0] * PLOT_DPI)
+    # bench.py's read_metrics(folder) is as it was: the good records, and nothing said
+    assert plots.read_metrics(run) == [json.loads(line) for line in lines]
+    assert capsys.readouterr().err == ""
+
+
+def test_skipped_lines_are_counted_and_named_in_one_message(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    good = json.dumps({"update": 1, "env_steps": 32, "games": []}).encode()
+    # a blank line is no record lost; NULs are what a filesystem can leave after a power cut, and
+    # bytes that are not UTF-8 made the whole file unreadable as text
+    metrics.write_bytes(b"\n".join([good, b"{cut", good, b"", b"\0\0\0", good, b"\xff\xfe", b"7"]) + b"\n")
+    said = []
+    assert len(plots.read_metrics(tmp_path, said.append)) == 3
+    assert said == [f"skipped 4 unreadable lines of {metrics} (lines 2, 5, 7, 8)"]
+    metrics.write_bytes(b"{cut\n" * 7)
+    with pytest.raises(plots.RunFileError) as error:
+        plots.read_metrics(tmp_path, said.append)
+    # one line, the error alone: no warning before it
+    assert (
+        str(error.value)
+        == f"no metrics in {tmp_path}: skipped 7 unreadable lines of {metrics} (lines 1, 2, 3, 4, 5 and 2 more)"
+    )
+    assert len(said) == 1
+
+
+@pytest.mark.parametrize(
+    "episodes,stopped_in,score,stopped",
+    [(1, None, "over 1 game", None), (2, 2, "over 1 game", "after 1 of 2 games"), (1, 1, None, "after 0 of 1 game")],
+)
+def test_evaluate_counts_games_in_the_right_number(
+    short_run, monkeypatch, capsys, episodes, stopped_in, score, stopped
+):
+    # evaluate said "over 1 games", and "after 0 of 1 games"
+    played = []
+
+    def play(*args):
+        if len(played) + 1 == stopped_in:
+            raise KeyboardInterrupt  # Ctrl-C during this game
+        played.append(play_game(*args))
+        return played[-1]
+
+    monkeypatch.setattr("evaluate.play_game", play)
+    code = run_main(cli.main, "evaluate", str(short_run), "--episodes", str(episodes), "--seed", "7")
+    out, err = capsys.readouterr()
+    assert code == (130 if stopped else 0), err
+    assert len(played) == (stopped_in - 1 if stopped else episodes)
+    scores = [line.rsplit("  ", 1)[1] for line in out.splitlines() if line.startswith("score:")]
+    assert scores == ([score] if score else []), out
+    assert err.strip() == (f"ppo_breakout.py evaluate: stopped by Ctrl-C {stopped}" if stopped else "")

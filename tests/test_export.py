@@ -2,8 +2,9 @@
 models/breakout_10m.pt."""
 
 import torch
-from conftest import ROOT, files_of_at_most, run_python
+from conftest import ROOT, files_of_at_most, run_main, run_python
 
+import cli
 from evaluate import SHIPPED_AGENT
 from run_files import POLICY_FORMAT
 
@@ -51,6 +52,16 @@ def test_export_keeps_the_weights_and_settings_only_and_evaluate_plays_it_as_the
     assert f"checkpoint: {out} (update 4, 128 env steps)" in played.stdout
 
 
+def test_a_checkpoint_exported_by_a_relative_path_from_inside_its_checkpoints_folder_names_its_run(
+    short_run, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "policy.pt"
+    monkeypatch.chdir(short_run / "checkpoints")
+    assert run_main(cli.main, "export", "update_0000002.pt", str(out)) == 0, capsys.readouterr().err
+    policy = torch.load(out, weights_only=True)
+    assert policy["update"] == 2 and policy["from_checkpoint"] == f"{short_run.name}/checkpoints/update_0000002.pt"
+
+
 def test_a_policy_is_not_resumed_nor_exported_again(short_run, tmp_path):
     out = tmp_path / "policy.pt"
     assert run("export", str(short_run), str(out)).returncode == 0
@@ -65,10 +76,17 @@ def test_a_policy_is_not_resumed_nor_exported_again(short_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.pt"], "no training started, nothing written"
 
 
+def test_export_makes_the_folder_it_writes_into(short_run, tmp_path):
+    result = run("export", str(short_run), str(tmp_path / "new" / "folder" / "policy.pt"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert torch.load(tmp_path / "new" / "folder" / "policy.pt", weights_only=True)["update"] == 4
+
+
 def test_bad_input_is_one_line_and_a_file_that_cannot_be_written_leaves_nothing(short_run, tmp_path):
+    (tmp_path / "a_file").write_text("in the way of a folder")
     for args, code, problem in [
         ([str(short_run), str(tmp_path / "policy.zip")], 2, "argument out: "),
-        ([str(short_run), str(tmp_path / "no" / "policy.pt")], 2, "argument out: folder "),
+        ([str(short_run), str(tmp_path / "a_file" / "policy.pt")], 2, "argument out: cannot make folder "),
         ([str(tmp_path / "missing.pt"), str(tmp_path / "policy.pt")], 2, "checkpoint not found: "),
         ([str(tmp_path), str(tmp_path / "policy.pt")], 2, "no checkpoint in "),
     ]:
@@ -81,7 +99,7 @@ def test_bad_input_is_one_line_and_a_file_that_cannot_be_written_leaves_nothing(
     assert full.returncode == 1
     expected = f"ppo_breakout.py export: error: cannot write {tmp_path / 'policy.pt'}: File too large"
     assert full.stderr.strip() == expected
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 
 def test_the_shipped_agent_is_the_10m_run_s_policy_and_the_readme_states_its_training_score():

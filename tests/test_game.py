@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import game
+import ppo_breakout
 from game import FRAME_SIZE, FRAME_SKIP, FRAME_STACK, NOOP_MAX, OBS_SHAPE, Game, minimal_actions, rom_path
 
 
@@ -241,3 +242,23 @@ def test_the_frame_cap_ends_a_game_that_still_has_lives(monkeypatch):
     # the game's start until the frames run out, the last step cut short
     assert info == {"reward": score, "length": t + 1}
     assert info["length"] == -(-(cap - start - FRAME_SKIP * lives_lost) // FRAME_SKIP)
+
+
+def test_the_sticky_actions_of_the_configuration_reach_a_workers_emulator():
+    # with probability 1 every frame repeats the action before it, NOOP from the reset on: RIGHT
+    # never moves the paddle, where without sticky actions it does at once
+    frames = {}
+    for sticky in (0.0, 1.0):
+        worker = ppo_breakout.Worker(seed=3, sticky_actions=sticky)
+        try:
+            worker.send(ppo_breakout.Command.RESET)
+            worker.receive()
+            first = worker.obs.copy()
+            for _ in range(10):
+                worker.send(ppo_breakout.Command.STEP, 2)  # RIGHT in Breakout's minimal action set
+                worker.receive()
+            frames[sticky] = (first, worker.obs.copy())
+        finally:
+            worker.close()
+    moved = {sticky: not np.array_equal(before[-1], after[-1]) for sticky, (before, after) in frames.items()}
+    assert moved == {0.0: True, 1.0: False}, moved

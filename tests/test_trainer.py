@@ -307,3 +307,24 @@ def test_gather_rows_is_indexing_in_either_memory_format():
         if batch.dim() == 4:
             nhwc = batch.is_contiguous(memory_format=torch.channels_last)
             assert rows.is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+
+
+def test_the_dashboard_cannot_make_the_learning_rate_zero_or_negative():
+    with Trainer(*settings(**TINY)) as trainer:
+        for value in (0.0, -1e-4):  # a learning rate of 0 trains nothing, a negative one climbs the loss
+            trainer.learning_rate.set_value(value)
+            assert trainer.learning_rate() == pytest.approx(1e-3), value
+        # only the learning rate is positive-only: a loss weight may be switched off
+        trainer.value_loss_coef.set_value(0.0)
+        assert trainer.value_loss_coef() == 0.0
+
+
+def test_an_update_that_makes_the_weights_not_finite_raises_diverged_before_it_is_kept():
+    from ppo_breakout import Diverged
+
+    kept = []
+    with Trainer(*settings(**{**TINY, "updates": 3, "learning_rate": 1e10, "lr_schedule": "constant"})) as trainer:
+        with pytest.raises(Diverged, match="update 1 diverged"):
+            trainer.run_training_loop(lambda stats, last: kept.append(trainer.update))
+        assert not all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert kept == []  # the callback that writes metrics and checkpoints never saw it

@@ -135,6 +135,25 @@ def test_a_worker_killed_with_sigkill_makes_the_trainer_raise_a_clear_error():
         trainer.destroy()
 
 
+def test_a_hung_worker_makes_receive_raise_a_clear_error_after_its_timeout():
+    worker = Worker(seed=0, index=1, timeout=2.0)
+    pid = worker.process.pid
+    try:
+        reset(worker)
+        os.kill(pid, signal.SIGSTOP)  # alive, but it answers no more: as a deadlocked or swapped-out worker
+        worker.send(Command.STEP, 0)
+        start = time.monotonic()
+        hung = rf"^worker 1 \(pid {pid}\) has not answered in 2 s \(--worker-timeout\): hung$"
+        with pytest.raises(WorkerError, match=hung):
+            worker.receive()
+        assert 2 <= time.monotonic() - start < 5
+        assert _alive(pid), "the worker hung: it did not die"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        worker.close()
+    assert worker.process.exitcode == -signal.SIGKILL  # a worker that hung is killed at once, not waited for
+
+
 def test_destroy_joins_every_worker():
     trainer = Trainer(*settings(**{**TINY, "n_workers": 3}))
     pids = {w.process.pid for w in trainer.workers}
