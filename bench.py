@@ -1,13 +1,14 @@
 """
 Speed of ppo_breakout on this machine, measured with the real Worker and Trainer code.
 
-    python bench.py                      # the default configuration (8 workers x 128 steps, epochs 8)
+    python bench.py                      # the default configuration (8 workers x 128 steps, epochs 4)
     python bench.py --epochs 4           # the speed target's other configuration
     python bench.py --precision fp32 --no-channels-last   # the plain path, for comparison
     python bench.py --random-policy --episodes 30          # a random policy's whole-game score
     python bench.py --learn --steps 1000000 [training flags]  # a learning run, summarised
     python bench.py --summarise RUN_FOLDER [--steps N]        # the same summary for a run (at N steps)
     python bench.py --ranks 2 [training flags]                # the loop under torchrun: 1 rank, then 2
+    python bench.py --busy 1 [training flags]                 # the loop quiet, then beside 1 busy process
 
 Prints, for one configuration: env-only steps/s through our Workers and through ale-py's C++
 AtariVectorEnv with the same games and preprocessing (side by side, with the ratio); rollout
@@ -16,6 +17,10 @@ after a warm-up; the ceiling that arithmetic alone puts on the loop (the model's
 update, at this machine's measured matrix-product rate); and the peak memory of all processes.
 Figures are medians or totals of one run, so compare ratios within a run: machines here are
 shared and noisy.
+
+`--busy N` measures the whole loop quiet and beside N processes that each keep one core busy, in
+turns (quiet, busy, quiet, busy: --measure updates each, after --warmup), and prints the busy
+speed's share of the quiet one: what a machine that does other work leaves the training.
 
 `--ranks N` measures the whole loop under torchrun instead (distributed.py): one run with 1 rank,
 then one with N, each for --warmup + --measure updates in a temporary folder of its own holding a
@@ -37,6 +42,7 @@ import platform
 import resource
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -217,7 +223,6 @@ def random_policy(c: "ppo.Configs", episodes: int):
 def learn(argv, steps: int, target: float) -> int:
     """Train with ppo_breakout.py's own entry point for `steps` env steps and summarise its run
     from metrics.jsonl, in one line whose format stays the same so runs can be compared."""
-    import subprocess
 
     c = ppo.settings_from(ppo.Configs, vars(cli.build_parser().parse_args(argv)))
     updates = -(-steps // (c.n_workers * c.worker_steps))
@@ -355,6 +360,35 @@ class RunFailed(Exception):
     """A torchrun run that ended without its updates: one line saying which and why."""
 
 
+BUSY_LOOP = "while True: pass"  # one thread that always wants a core, as another program may
+
+
+def busy_core(c: "ppo.Configs", r: "ppo.RunSettings", busy: int, warmup: int, measure: int) -> int:
+    """The whole loop's env steps/s quiet, then beside `busy` one-thread busy processes, A B A B in
+    one run (the machine's drift falls on both alike), and the busy figure's share of the quiet one."""
+    rates = {"quiet": [], "busy": []}
+    with ppo.Trainer(c, r) as trainer:
+        for _ in range(warmup):
+            trainer.train(trainer.sample())
+        for phase in ("quiet", "busy", "quiet", "busy"):
+            count = busy if phase == "busy" else 0
+            spinners = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(count)]
+            try:
+                start = time.perf_counter()
+                for _ in range(measure):
+                    trainer.train(trainer.sample())
+                rates[phase].append(measure * trainer.batch_size / (time.perf_counter() - start))
+            finally:
+                for spinner in spinners:
+                    spinner.kill()
+                    spinner.wait()
+            beside = f"beside {busy} busy process{'es' if busy > 1 else ''}" if phase == "busy" else "quiet"
+            print(f"{beside + ':':24} {rates[phase][-1]:8.0f} env steps/s over {measure} updates", flush=True)
+    share = statistics.mean(rates["busy"]) / statistics.mean(rates["quiet"])
+    print(f"busy core: {share:.2f} of the quiet speed beside {busy} one-thread busy process(es), {os.cpu_count()} CPUs")
+    return 0
+
+
 def compare_ranks(c: "ppo.Configs", r: "ppo.RunSettings", ranks: int, warmup: int, measure: int) -> int:
     """The whole loop under torchrun with 1 rank and with `ranks`, one after the other; prints
     their env steps/s and the ratio. Its exit status: 1 if a run failed, 128 + the signal if
@@ -456,7 +490,6 @@ def run_under_torchrun(
     """`torchrun --standalone --nproc_per_node=n ppo_breakout.py argv...` for `updates` updates in
     a temporary folder holding a copy of the script; the env steps/s of its updates after `warmup`
     (loop_rate, update_rate). Nothing it started outlives it, nor does the folder."""
-    import subprocess
     import tempfile
 
     here = Path(__file__).resolve().parent
@@ -521,6 +554,12 @@ def main():
         metavar="N",
         help="only measure the whole loop under torchrun with 1 rank and with N (2 or more), side by side",
     )
+    parser.add_argument(
+        "--busy",
+        type=int,
+        metavar="N",
+        help="only measure the whole loop quiet and beside N one-thread busy processes, A B A B",
+    )
     parser.add_argument("--summarise", type=Path, metavar="RUN_FOLDER", help="only print --learn's line for a run")
     parser.add_argument(
         "--target", type=float, default=CLEANRL_1M_SCORE, help="--learn and --summarise say when the score passed it"
@@ -554,6 +593,11 @@ def main():
         parser.error(f"argument {cli.flag_of(name)}: {problem}")
     if args.random_policy:
         return random_policy(c, args.episodes)
+    if args.busy is not None:
+        if args.busy < 1:
+            parser.error(f"argument --busy: must be 1 or more, got {args.busy}")
+        warnings.filterwarnings("ignore", message="Register dynamic schedules")
+        return busy_core(c, r, args.busy, args.warmup, args.measure)
     if args.ranks:
         if r.device_ids:
             parser.error("argument --device-ids: --ranks chooses each run's GPUs itself")

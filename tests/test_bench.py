@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -334,3 +335,26 @@ def test_ctrl_c_during_ranks_stops_the_torchrun_run_and_leaves_no_process(tmp_pa
     assert len(job) == 4  # torchrun, its rank and the rank's 2 game workers
     assert_gone(job)
     assert list(temporary.iterdir()) == []
+
+
+
+def busy_loops_running() -> list:
+    """The pids of every process on this machine running bench.py's busy loop."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if bench.BUSY_LOOP in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_busy_measures_the_loop_quiet_and_beside_busy_processes_in_turns_and_leaves_none():
+    result = run_python(ROOT, "bench.py", *TINY_FLAGS, "--busy", "2", "--warmup", "0", "--measure", "1", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    phases = re.findall(r"^(quiet|beside 2 busy processes): +(\d+) env steps/s over 1 updates$", result.stdout, re.M)
+    assert [phase for phase, _ in phases] == ["quiet", "beside 2 busy processes"] * 2, result.stdout
+    (share,) = re.findall(r"^busy core: ([\d.]+) of the quiet speed beside 2 one-thread busy", result.stdout, re.M)
+    quiet = [float(rate) for phase, rate in phases if phase == "quiet"]
+    busy = [float(rate) for phase, rate in phases if phase != "quiet"]
+    assert float(share) == pytest.approx(sum(busy) / sum(quiet), abs=0.01)
+    assert busy_loops_running() == [], "the busy processes were killed"
