@@ -429,9 +429,10 @@ class Trainer:
         self.gae = GAE(self.n_workers, self.worker_steps, c.gamma, c.lambda_)
         self.ppo_loss, self.value_loss = ClippedPPOLoss(), ClippedValueFunctionLoss()
         # a minibatch's gradient step and the rollout's forward pass, eager or as CUDA graphs
-        step, optimizer = self._train_step, self.optimizer
-        graphed = speed.GraphedTrainStep(step, optimizer, self.mini_batch_size) if self.graphs else None
-        self.train_step = graphed or speed.TrainStep(step, optimizer)
+        if self.graphs:
+            self.train_step = speed.GraphedTrainStep(self._train_step, self.optimizer, self.mini_batch_size)
+        else:
+            self.train_step = speed.TrainStep(self._train_step, self.optimizer)
         self.act = speed.Forward(self._act, self.device, self.graphs)
 
         # updates done so far, agent steps taken by all workers together, and Adam's steps
@@ -439,7 +440,8 @@ class Trainer:
         # whole-game scores and lengths of the last 100 games, reported as their mean
         self.episode_rewards, self.episode_lengths = deque(maxlen=100), deque(maxlen=100)
         self.games: List[dict] = []  # the games that ended in the latest rollout
-        self.explained_variance, self.stop_requested = float("nan"), 0  # the signal number of a stop
+        self.explained_variance = float("nan")
+        self.stop_requested = 0  # the number of the signal that asked the run to stop, if one did
 
         # the rollout buffers, allocated once; frames pinned on a CUDA machine for a fast copy
         n, t = self.n_workers, self.worker_steps
