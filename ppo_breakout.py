@@ -836,8 +836,8 @@ def start_workers(
 if __name__ == "__main__":
     # The command line is the tools' (they import this file, so it names them only here): a
     # torchrun rank goes to distributed.py, everything else (training, the subcommands) to cli.py.
-    import cli
-    import distributed
+    import cli  # the tools above this file, named in its __main__ block alone
+    import distributed  # (the __main__ block's too)
 
     argv = sys.argv[1:]
     torchrun_rank = "TORCHELASTIC_RUN_ID" in os.environ and not cli.subcommand(argv)
