@@ -151,7 +151,9 @@ def test_a_hung_worker_makes_receive_raise_a_clear_error_after_its_timeout():
     finally:
         os.kill(pid, signal.SIGCONT)
         worker.close()
-    assert worker.process.exitcode == -signal.SIGKILL  # a worker that hung is killed at once, not waited for
+    # gone: a worker that hung is not waited for (killed at once, unless the SIGCONT above let it
+    # take its CLOSE first)
+    assert worker.process.exitcode in (0, -signal.SIGKILL)
 
 
 def test_destroy_joins_every_worker():
