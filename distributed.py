@@ -43,6 +43,7 @@ do nothing):
   rank 0 on another machine needs logs/ on storage both see). Each run folder a job makes holds
   the job's name (`job_name`), so a new job never takes another's checkpoints; where each attempt
   has a rendezvous store of its own (etcd), the name is the job's --rdzv-id: give each job its own.
+  A `--resume PATH` checkpoint is read the same way, by rank 0 alone from its own disk.
 - Devices: gloo on the CPU, nccl on CUDA (gloo carries the small exchanges either way). Rank r
   uses cuda:LOCAL_RANK, or the GPU `--device-ids` names for it: `--device-ids 0,0` puts 2 ranks on
   one GPU, and then the gradients go over gloo too (on every machine: one communicator, one
