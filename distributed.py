@@ -265,7 +265,7 @@ def kept_by_rank_0(job: str, run_settings: "ppo.RunSettings", resumed: bool) -> 
     update under way when the ranks were lost writes none), from which a restart or --resume goes on."""
     path = run_files.job_checkpoint(job)
     if path is not None:
-        return f"the job's newest checkpoint stays: update {int(Path(path).stem.removeprefix('update_'))} ({path})"
+        return f"the job's newest checkpoint stays: update {run_files.update_of(Path(path))} ({path})"
     also = "; the checkpoint it resumed from stays" if resumed else ""
     return f"no checkpoint of this job yet (one every {run_settings.checkpoint_every} updates){also}"
 

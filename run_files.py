@@ -212,9 +212,9 @@ def restore(trainer: "ppo.Trainer", state: dict) -> bool:
         print(f"Starting new games, not the checkpoint's: {why}")
         return False
     mine = ranks[trainer.partner.rank]
-    for worker, game in zip(trainer.workers, mine["games"]):
-        state = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in game.items()}
-        worker.send(ppo.Command.SET_STATE, state)
+    for worker, saved in zip(trainer.workers, mine["games"]):
+        as_arrays = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in saved.items()}
+        worker.send(ppo.Command.SET_STATE, as_arrays)
     for i, worker in enumerate(trainer.workers):
         worker.receive()
         trainer.obs[i] = worker.obs
