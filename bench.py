@@ -19,8 +19,9 @@ Figures are medians or totals of one run, so compare ratios within a run: machin
 shared and noisy.
 
 `--busy N` measures the whole loop quiet and beside N processes that each keep one core busy, in
-turns (quiet, busy, quiet, busy: --measure updates each, after --warmup), and prints the busy
-speed's share of the quiet one: what a machine that does other work leaves the training.
+turns (quiet, busy, quiet, busy: --measure updates each, after --warmup), with the seconds an
+update spent sampling and training, and prints the busy speed's share of the quiet one: what a
+machine that does other work leaves the training.
 
 `--ranks N` measures the whole loop under torchrun instead (distributed.py): one run with 1 rank,
 then one with N, each for --warmup + --measure updates in a temporary folder of its own holding a
@@ -373,17 +374,22 @@ def busy_core(c: "ppo.Configs", r: "ppo.RunSettings", busy: int, warmup: int, me
         for phase in ("quiet", "busy", "quiet", "busy"):
             count = busy if phase == "busy" else 0
             spinners = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(count)]
+            sampling = training = 0.0
             try:
-                start = time.perf_counter()
                 for _ in range(measure):
-                    trainer.train(trainer.sample())
-                rates[phase].append(measure * trainer.batch_size / (time.perf_counter() - start))
+                    start = time.perf_counter()
+                    samples = trainer.sample()
+                    sampled = time.perf_counter()
+                    trainer.train(samples)
+                    sampling, training = sampling + sampled - start, training + time.perf_counter() - sampled
             finally:
                 for spinner in spinners:
                     spinner.kill()
                     spinner.wait()
+            rates[phase].append(measure * trainer.batch_size / (sampling + training))
             beside = f"beside {busy} busy process{'es' if busy > 1 else ''}" if phase == "busy" else "quiet"
-            print(f"{beside + ':':24} {rates[phase][-1]:8.0f} env steps/s over {measure} updates", flush=True)
+            split = f"an update: sampling {sampling / measure:.2f} s, training {training / measure:.2f} s"
+            print(f"{beside + ':':24} {rates[phase][-1]:8.0f} env steps/s over {measure} updates ({split})", flush=True)
     share = statistics.mean(rates["busy"]) / statistics.mean(rates["quiet"])
     print(f"busy core: {share:.2f} of the quiet speed beside {busy} one-thread busy process(es), {os.cpu_count()} CPUs")
     return 0
@@ -625,6 +631,7 @@ def main():
             f"precision {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}, "
             f"channels_last {r.channels_last}, reuse freed memory {trainer.reusing_freed_memory}"
             + (f", cuda graphs {trainer.graphs}" if trainer.device.type == "cuda" else "")
+            + (f", train threads {r.train_threads}" if trainer.device.type == "cpu" else "")
         )
 
         ours = bench_workers(trainer, args.env_steps)

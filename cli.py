@@ -165,16 +165,20 @@ def config_errors(c: "ppo.Configs", r: "ppo.RunSettings") -> List[Tuple[str, str
     """Every problem with `c` and `r`, as (setting, problem); empty when the configuration can run."""
     errors = []
     positive = [(name, getattr(c, name)) for name in ("updates", "epochs", "n_workers", "worker_steps", "batches")]
-    positive += [(name, getattr(r, name)) for name in ("checkpoint_every", "keep_checkpoints")]
+    positive += [(name, getattr(r, name)) for name in ("checkpoint_every", "keep_checkpoints", "train_threads")]
     for name, value in positive:
         if value <= 0:
             errors.append((name, f"must be a positive integer, got {value}"))
     problem = ppo.batches_problem(c)
+    mini_batch_size = None if problem else c.n_workers * c.worker_steps // c.batches
     if problem and not any(value <= 0 for _, value in positive):  # else said above: not positive
         errors.append(("batches", problem))
-    elif not problem and c.n_workers * c.worker_steps // c.batches < 2:
+    elif not problem and mini_batch_size < 2:
         # each minibatch normalises its advantages by their standard deviation, which one sample lacks
-        errors.append(("batches", f"minibatches of {c.n_workers * c.worker_steps // c.batches} sample: need 2 or more"))
+        errors.append(("batches", f"minibatches of {mini_batch_size} sample: need 2 or more"))
+    elif not problem and r.train_threads > mini_batch_size:  # each share of a minibatch holds a sample
+        most = f"must be at most a minibatch's {mini_batch_size} samples"
+        errors.append(("train_threads", f"{most}, got {r.train_threads}"))
     floats = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.type is float}
     errors += [(name, f"must be a finite number, got {v}") for name, v in floats.items() if not math.isfinite(v)]
     finite = [name for name, value in floats.items() if math.isfinite(value)]  # the checks of range

@@ -112,6 +112,8 @@ class RunSettings:
     channels_last: bool = setting(True, "NHWC memory format for the convolutions")
     reuse_freed_memory: bool = setting(True, "keep freed memory for the next minibatch instead of returning it (glibc)")
     rollout_threads: int = setting(1, "torch threads while sampling, on any device (0: torch's default)")
+    # the numbers depend on it (each share's sums), never on the load or the cores (speed.Backward)
+    train_threads: int = setting(2, "on a CPU, the shares of a minibatch that threads compute side by side")
     cuda_graphs: bool = setting(True, "on a CUDA GPU, replay each minibatch step and rollout forward as a CUDA graph")
     checkpoint_every: int = setting(50, "updates between checkpoints (and one at the end and at Ctrl-C/SIGTERM/SIGHUP)")
     keep_checkpoints: int = setting(3, "how many of the newest checkpoints to keep")
@@ -427,12 +429,14 @@ class Trainer:
         # fused: one kernel for the whole step; the same algorithm and saved moments
         self.optimizer = optim.Adam(self.model.parameters(), lr=c.learning_rate, eps=c.adam_eps, fused=True)
         self.gae = GAE(self.n_workers, self.worker_steps, c.gamma, c.lambda_)
-        self.ppo_loss, self.value_loss = ClippedPPOLoss(), ClippedValueFunctionLoss()
-        # a minibatch's gradient step and the rollout's forward pass, eager or as CUDA graphs
+        self.value_loss = ClippedValueFunctionLoss()
+        # a minibatch's gradient step, its backward pass (in shares on a CPU), and the rollout's
+        # forward pass, eager or as CUDA graphs
+        self.backward = speed.Backward(self.model.parameters(), self.device, r.train_threads)
         if self.graphs:
             self.train_step = speed.GraphedTrainStep(self._train_step, self.optimizer, self.mini_batch_size)
         else:
-            self.train_step = speed.TrainStep(self._train_step, self.optimizer)
+            self.train_step = speed.TrainStep(self._train_step, self.optimizer, self.device)
         self.act = speed.Forward(self._act, self.device, self.graphs)
 
         # updates done so far, agent steps taken by all workers together, and Adam's steps
@@ -539,9 +543,10 @@ class Trainer:
 
     def _train_step(self, mini_batch: Dict[str, torch.Tensor], coefficients: Coefficients) -> torch.Tensor:
         """One gradient step on a minibatch; returns its statistics."""
-        loss, stats = self._calc_loss(mini_batch, coefficients)
+        # normalised advantages, over the whole minibatch: a little bias for much lower variance
+        mini_batch = {**mini_batch, "normalized_advantages": self._normalize(mini_batch["advantages"])}
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        stats = self.backward(lambda rows: self._calc_loss(rows, coefficients), mini_batch)
         self.partner.average_gradients(self.model.parameters())  # under torchrun, the ranks' mean
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.configs.max_grad_norm)
         self.optimizer.step()
@@ -558,22 +563,23 @@ class Trainer:
         return (adv - mean) / (std + 1e-8)
 
     def _calc_loss(self, samples: Dict[str, torch.Tensor], c: Coefficients):
-        """The total loss of a minibatch, and the statistics to track (in the order of `STATS`)."""
+        """The total loss of a minibatch (or of a share of it), and the statistics to track (in the
+        order of `STATS`)."""
         # R_t, the returns sampled from pi_OLD
         sampled_return = samples["values"] + samples["advantages"]
-        # normalised advantages: a little bias for much lower variance
-        sampled_normalized_advantage = self._normalize(samples["advantages"])
         with self._autocast():
             pi, value = self.model(samples["obs"])
         log_pi = pi.log_prob(samples["actions"])
-        policy_loss = self.ppo_loss(log_pi, samples["log_pis"], sampled_normalized_advantage, c.clip_range)
+        # a loss module for each call: it keeps its clip fraction, and a CPU's shares compute at once
+        ppo_loss = ClippedPPOLoss()
+        policy_loss = ppo_loss(log_pi, samples["log_pis"], samples["normalized_advantages"], c.clip_range)
         entropy_bonus = pi.entropy().mean()
         value_loss = self.value_loss(value, samples["values"], sampled_return, c.clip_range)
         # L^{CLIP+VF+EB} = L^{CLIP} + c_1 L^{VF} - c_2 L^{EB}
         loss = policy_loss + c.value_loss_coef * value_loss - c.entropy_bonus_coef * entropy_bonus
         # an estimate of KL(pi_OLD || pi) for monitoring (Schulman's "approximating KL" note)
         approx_kl_divergence = 0.5 * ((samples["log_pis"] - log_pi) ** 2).mean()
-        stats = [-policy_loss, value_loss, entropy_bonus, approx_kl_divergence, self.ppo_loss.clip_fraction]
+        stats = [-policy_loss, value_loss, entropy_bonus, approx_kl_divergence, ppo_loss.clip_fraction]
         return loss, torch.stack(stats).detach()
 
     def run_training_loop(self, after_update: Optional[Callable[[Dict[str, float], bool], None]] = None):
@@ -608,7 +614,8 @@ class Trainer:
         self.destroy()
 
     def destroy(self):
-        """Stop and join every worker process."""
+        """Stop and join every worker process, and the training's threads."""
+        self.backward.close()
         for worker in self.workers:
             worker.request_close()
         for worker in self.workers:

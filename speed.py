@@ -1,11 +1,13 @@
 """
 The speed machinery under `ppo_breakout.py`'s Trainer: none of it changes what is computed, only how
-fast. Each piece is switched by a run setting and measured in docs/speed.md. This module imports
+fast (and, for bf16 and `Backward`'s shares, the rounding: the numbers stay a function of the
+settings). Each piece is switched by a run setting and measured in docs/speed.md. This module imports
 torch and nothing of the project's, so the experiment reads as the algorithm and calls these
 through one small interface each:
 
 - `paths`: which of them a trainer on a device takes, set up for it;
 - `TrainStep`: one minibatch's gradient step, run eagerly or replayed as a CUDA graph;
+- `Backward`: a minibatch's gradient, on a CPU in shares that threads compute side by side;
 - `Forward`: the rollout's forward pass, eagerly or as a CUDA graph per batch size;
 - `autocast_dtype` and `autocast`: bf16 autocast only where the hardware computes bf16 natively;
 - `reuse_freed_memory` and `torch_threads`: the allocator's and the rollout's thread settings.
@@ -13,6 +15,7 @@ through one small interface each:
 
 import contextlib
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -76,6 +79,50 @@ def torch_threads(threads: int):
         torch.set_num_threads(before)
 
 
+class Backward:
+    """A minibatch's gradient into the parameters' `.grad`: `backward(loss_fn, rows)` calls
+    `loss_fn(rows) -> (loss, stats)`, the mean loss over `rows` (a dict of tensors, a row a sample)
+    and a tensor of its statistics' means, and returns the statistics.
+
+    On a GPU the whole minibatch at once. On a CPU in `shares` slices of rows that up to as many
+    threads compute side by side (no more than torch's thread count), each single-threaded, weighted
+    by its share of the rows and summed in their order: the same loss. When another program holds a
+    core, a thread it delays holds back its own slice, once a step; torch's threads, splitting every
+    operation between them, would wait for it at each of a step's hundreds of operations
+    (docs/speed.md, "Beside other work"). The numbers depend on `shares` alone, not on how many
+    threads ran them, nor on the machine's load or cores."""
+
+    def __init__(self, params, device: torch.device, shares: int):
+        self.params = list(params)
+        self.pool = None  # on a GPU
+        if device.type == "cpu":
+            self.shares = shares
+            threads = min(shares, torch.get_num_threads())
+            self.pool = ThreadPoolExecutor(threads, "train", initializer=torch.set_num_threads, initargs=(1,))
+
+    def __call__(self, loss_fn: Callable, rows: Dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.pool is None:
+            loss, stats = loss_fn(rows)
+            loss.backward()
+            return stats
+        size = len(next(iter(rows.values())))
+        bounds = [size * k // self.shares for k in range(self.shares + 1)]
+
+        def share(start: int, end: int):
+            loss, stats = loss_fn({k: v[start:end] for k, v in rows.items()})
+            weight = (end - start) / size
+            return torch.autograd.grad(loss * weight, self.params), stats * weight
+
+        grads, stats = zip(*self.pool.map(share, bounds[:-1], bounds[1:]))
+        for i, p in enumerate(self.params):
+            p.grad = sum(g[i] for g in grads)
+        return sum(stats)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
 def gather_rows(x: torch.Tensor, indexes: torch.Tensor) -> torch.Tensor:
     """`x[indexes]` along the first dimension, copied a whole sample at a time (advanced indexing
     copies element by element). An NHWC batch is gathered as the [batch, 84, 84, 4] rows it is
@@ -129,16 +176,20 @@ class TrainStep:
     """One minibatch's gradient step: `step(samples, indexes, coefficients) -> statistics` gathers
     the rows `indexes` of `samples`, sets the optimizer's learning rate to
     `coefficients.learning_rate`, and calls `fn(minibatch, coefficients)`, which takes the step and
-    returns a tensor of statistics. `coefficients` is a dataclass of floats."""
+    returns a tensor of statistics. `coefficients` is a dataclass of floats. On a CPU the step runs
+    on one torch thread (its backward pass in `Backward`'s threads), so that each of its sums comes
+    out the same however many cores the machine has."""
 
-    def __init__(self, fn: Callable, optimizer: torch.optim.Optimizer):
+    def __init__(self, fn: Callable, optimizer: torch.optim.Optimizer, device: torch.device):
         self.fn, self.optimizer = fn, optimizer
+        self.threads = 1 if device.type == "cpu" else 0
 
     def __call__(self, samples: Dict[str, torch.Tensor], indexes: torch.Tensor, coefficients):
         for group in self.optimizer.param_groups:
             group["lr"] = coefficients.learning_rate
-        mini_batch = {k: gather_rows(v, indexes) for k, v in samples.items()}
-        return self.fn(mini_batch, coefficients)
+        with torch_threads(self.threads):
+            mini_batch = {k: gather_rows(v, indexes) for k, v in samples.items()}
+            return self.fn(mini_batch, coefficients)
 
 
 class GraphedTrainStep(TrainStep):
@@ -149,7 +200,7 @@ class GraphedTrainStep(TrainStep):
     `capturable`; a checkpoint saves them as before."""
 
     def __init__(self, fn: Callable, optimizer: torch.optim.Optimizer, mini_batch_size: int):
-        super().__init__(fn, optimizer)
+        super().__init__(fn, optimizer, torch.device("cuda"))
         self.mini_batch_size = mini_batch_size
         self.graph: Optional[CudaGraph] = None
         self.tensors = None  # the coefficients as the graph reads them

@@ -351,10 +351,15 @@ def busy_loops_running() -> list:
 def test_busy_measures_the_loop_quiet_and_beside_busy_processes_in_turns_and_leaves_none():
     result = run_python(ROOT, "bench.py", *TINY_FLAGS, "--busy", "2", "--warmup", "0", "--measure", "1", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    phases = re.findall(r"^(quiet|beside 2 busy processes): +(\d+) env steps/s over 1 updates$", result.stdout, re.M)
-    assert [phase for phase, _ in phases] == ["quiet", "beside 2 busy processes"] * 2, result.stdout
+    line = r"^(quiet|beside 2 busy processes): +(\d+) env steps/s over 1 updates "
+    line += r"\(an update: sampling ([\d.]+) s, training ([\d.]+) s\)$"
+    phases = re.findall(line, result.stdout, re.M)
+    assert [phase for phase, *_ in phases] == ["quiet", "beside 2 busy processes"] * 2, result.stdout
+    for _, rate, sampling, training in phases:  # the update's 32 env steps over its two parts' seconds
+        seconds = float(sampling) + float(training)  # each printed to within 0.005 s
+        assert 32 / (seconds + 0.01) - 0.5 <= float(rate) <= 32 / max(seconds - 0.01, 1e-3) + 0.5
     (share,) = re.findall(r"^busy core: ([\d.]+) of the quiet speed beside 2 one-thread busy", result.stdout, re.M)
-    quiet = [float(rate) for phase, rate in phases if phase == "quiet"]
-    busy = [float(rate) for phase, rate in phases if phase != "quiet"]
+    quiet = [float(rate) for phase, rate, *_ in phases if phase == "quiet"]
+    busy = [float(rate) for phase, rate, *_ in phases if phase != "quiet"]
     assert float(share) == pytest.approx(sum(busy) / sum(quiet), abs=0.01)
     assert busy_loops_running() == [], "the busy processes were killed"

@@ -65,6 +65,13 @@ BAD_INPUTS = [
     (["--device", "tpu"], "--device", "tpu"),
     (["--updates", "many"], "--updates", "invalid int value"),
     (["--rollout-threads", "-1"], "--rollout-threads", "0 or more"),
+    (["--train-threads", "0"], "--train-threads", "positive integer, got 0"),
+    # 32 samples in 2 minibatches of 16: a share of a minibatch must hold a sample
+    (
+        ["--n-workers", "2", "--worker-steps", "16", "--batches", "2", "--train-threads", "17"],
+        "--train-threads",
+        "at most a minibatch's 16 samples, got 17",
+    ),
     (["--seed", "-1"], "--seed", "0 or more"),
     (["--seed", str(2**64)], "--seed", "less than 2**64"),
     (["--dashboard", "localhost:5005"], "--dashboard", "http(s) URL"),

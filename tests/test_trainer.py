@@ -2,6 +2,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -10,9 +11,9 @@ from conftest import ROOT, TINY
 from torch.distributions import Categorical
 
 from game import Game
-from ppo_breakout import Model, Trainer, settings
+from ppo_breakout import ClippedPPOLoss, Coefficients, Model, Trainer, settings
 from run_files import write_metrics
-from speed import gather_rows, torch_threads
+from speed import Backward, gather_rows, torch_threads
 
 
 def test_one_update_end_to_end_on_the_cpu(tmp_path):
@@ -56,22 +57,71 @@ def test_same_seed_twice_gives_the_same_losses():
 
 
 @pytest.mark.parametrize("rollout_threads,expected", [(1, 1), (0, 2)])
-def test_the_rollout_uses_rollout_threads_and_training_all_of_torchs(rollout_threads, expected):
+def test_the_rollout_uses_rollout_threads_and_training_one_torch_thread_in_each_of_its_threads(
+    rollout_threads, expected
+):
     torch.set_num_threads(2)
     seen = []
-    with Trainer(*settings(rollout_threads=rollout_threads, **TINY)) as trainer:
+    with Trainer(*settings(rollout_threads=rollout_threads, train_threads=2, **TINY)) as trainer:
         forward = trainer.model.forward
 
         def recording(obs):
-            seen.append(torch.get_num_threads())
+            seen.append((threading.get_ident(), torch.get_num_threads()))
             return forward(obs)
 
         trainer.model.forward = recording
         samples = trainer.sample()
-        assert set(seen) == {expected} and torch.get_num_threads() == 2
+        assert {threads for _, threads in seen} == {expected} and torch.get_num_threads() == 2
+        assert {thread for thread, _ in seen} == {threading.get_ident()}
         seen.clear()
         trainer.train(samples)
-        assert set(seen) == {2}
+        # each minibatch's two shares, in two threads of the training's own, one torch thread each
+        assert len(seen) == 2 * TINY["batches"] and {threads for _, threads in seen} == {1}
+        assert len({thread for thread, _ in seen}) == 2 and threading.get_ident() not in {t for t, _ in seen}
+        assert torch.get_num_threads() == 2
+
+
+def trained_weights(threads: int, **overrides) -> list:
+    torch.set_num_threads(threads)
+    try:
+        with Trainer(*settings(**{**TINY, "epochs": 2, **overrides})) as trainer:
+            for _ in range(2):
+                trainer.train(trainer.sample())
+            ran = trainer.backward.pool._max_workers
+            return [p.detach().clone() for p in trainer.model.parameters()], ran
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_the_numbers_depend_on_train_threads_not_on_how_many_threads_ran_them():
+    # torch's thread count is what a loaded machine or OMP_NUM_THREADS changes: one thread then
+    # computes both shares in turn, and every weight comes out the same to the bit
+    one, ran_one = trained_weights(1, train_threads=2)
+    two, ran_two = trained_weights(2, train_threads=2)
+    assert (ran_one, ran_two) == (1, 2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+@pytest.mark.parametrize("shares", [2, 3])
+def test_a_minibatch_in_shares_has_the_gradient_and_statistics_of_the_whole(shares):
+    # 3 shares of a minibatch of 16: 5, 5 and 6 samples, weighted by their size
+    with Trainer(*settings(**TINY)) as trainer:
+        samples = trainer.sample()
+        rows = {k: v[:16] for k, v in samples.items()}
+        rows["normalized_advantages"] = trainer._normalize(rows["advantages"])
+        coefficients = Coefficients(learning_rate=1e-3, clip_range=0.1, value_loss_coef=0.5, entropy_bonus_coef=0.01)
+        results = []
+        for n in (1, shares):
+            backward = Backward(trainer.model.parameters(), trainer.device, n)
+            trainer.model.zero_grad(set_to_none=True)
+            stats = backward(lambda share: trainer._calc_loss(share, coefficients), rows)
+            results.append((stats, [p.grad.clone() for p in trainer.model.parameters()]))
+            backward.close()
+    (whole_stats, whole), (split_stats, split) = results
+    assert not torch.equal(whole_stats, split_stats)  # summed in another order
+    torch.testing.assert_close(split_stats, whole_stats, rtol=1e-5, atol=1e-6)
+    for a, b in zip(split, whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_the_rollout_pairs_each_game_observation_with_its_action_and_outcome():
@@ -122,21 +172,21 @@ def test_a_changed_dynamic_hyperparameter_is_used_by_the_next_update():
         assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)
 
 
-def test_clip_range_is_read_at_every_minibatch():
+def test_clip_range_is_read_at_every_minibatch(monkeypatch):
     with Trainer(*settings(**TINY)) as trainer:
         samples = trainer.sample()
         seen = []
-        original = trainer.ppo_loss.forward
+        original = ClippedPPOLoss.forward
 
-        def spy(log_pi, sampled_log_pi, advantage, clip):
+        def spy(self, log_pi, sampled_log_pi, advantage, clip):
             seen.append(clip)
-            if len(seen) == 1:
-                trainer.clip_range.set_value(0.25)  # changed mid-epoch, as the dashboard may
-            return original(log_pi, sampled_log_pi, advantage, clip)
+            trainer.clip_range.set_value(0.25)  # changed mid-epoch, as the dashboard may
+            return original(self, log_pi, sampled_log_pi, advantage, clip)
 
-        trainer.ppo_loss.forward = spy
+        monkeypatch.setattr(ClippedPPOLoss, "forward", spy)
         trainer.train(samples)
-    assert seen == [0.1, 0.25]
+    # the two shares of the first minibatch read 0.1, both of the second the new value
+    assert seen == [0.1, 0.1, 0.25, 0.25]
 
 
 def test_the_policy_update_raises_the_probability_of_an_action_with_positive_advantage():
@@ -253,7 +303,8 @@ def test_the_update_gathers_its_minibatches_in_the_models_memory_format(channels
         trainer.train(samples)
     assert torch.equal(samples["obs"], frames)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    assert len(gathered) == 2 and all(obs.is_contiguous(memory_format=layout) for obs in gathered)
+    # 2 minibatches, each in the 2 shares of the default train_threads
+    assert len(gathered) == 2 * 2 and all(obs.is_contiguous(memory_format=layout) for obs in gathered)
 
 
 HEAP_AFTER_A_FREED_BLOCK = """
