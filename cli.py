@@ -165,18 +165,19 @@ def config_errors(c: "ppo.Configs", r: "ppo.RunSettings") -> List[Tuple[str, str
     """Every problem with `c` and `r`, as (setting, problem); empty when the configuration can run."""
     errors = []
     positive = [(name, getattr(c, name)) for name in ("updates", "epochs", "n_workers", "worker_steps", "batches")]
-    positive += [(name, getattr(r, name)) for name in ("checkpoint_every", "keep_checkpoints", "train_threads")]
+    positive += [(name, getattr(r, name)) for name in ("checkpoint_every", "keep_checkpoints")]
     for name, value in positive:
         if value <= 0:
             errors.append((name, f"must be a positive integer, got {value}"))
     problem = ppo.batches_problem(c)
     mini_batch_size = None if problem else c.n_workers * c.worker_steps // c.batches
+    on_cpu = not device_problem(r.device) and ppo.parse_device(r.device).type == "cpu"
     if problem and not any(value <= 0 for _, value in positive):  # else said above: not positive
         errors.append(("batches", problem))
     elif not problem and mini_batch_size < 2:
         # each minibatch normalises its advantages by their standard deviation, which one sample lacks
         errors.append(("batches", f"minibatches of {mini_batch_size} sample: need 2 or more"))
-    elif not problem and r.train_threads > mini_batch_size:  # each share of a minibatch holds a sample
+    elif not problem and on_cpu and r.train_threads > mini_batch_size:  # a share of a minibatch holds a sample
         most = f"must be at most a minibatch's {mini_batch_size} samples"
         errors.append(("train_threads", f"{most}, got {r.train_threads}"))
     floats = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.type is float}
@@ -214,6 +215,8 @@ def config_errors(c: "ppo.Configs", r: "ppo.RunSettings") -> List[Tuple[str, str
     cpus = os.cpu_count() or 1
     if r.rollout_threads < 0:
         errors.append(("rollout_threads", f"must be 0 or more, got {r.rollout_threads}"))
+    if r.train_threads < 0:
+        errors.append(("train_threads", f"must be 0 or more, got {r.train_threads}"))
     elif r.rollout_threads > cpus:  # threads beyond the CPUs only wait on each other
         errors.append(("rollout_threads", f"must be at most this machine's {cpus} CPUs, got {r.rollout_threads}"))
     for name, problem in (("seed", seed_problem(c.seed)), ("device", device_problem(r.device))):

@@ -112,8 +112,8 @@ class RunSettings:
     channels_last: bool = setting(True, "NHWC memory format for the convolutions")
     reuse_freed_memory: bool = setting(True, "keep freed memory for the next minibatch instead of returning it (glibc)")
     rollout_threads: int = setting(1, "torch threads while sampling, on any device (0: torch's default)")
-    # the numbers depend on it (each share's sums), never on the load or the cores (speed.Backward)
-    train_threads: int = setting(2, "on a CPU, the shares of a minibatch that threads compute side by side")
+    # the numbers depend on it (each share's sums), never on the load (speed.Backward)
+    train_threads: int = setting(0, "on a CPU, each minibatch in this many shares, a thread each (0: torch's threads)")
     cuda_graphs: bool = setting(True, "on a CUDA GPU, replay each minibatch step and rollout forward as a CUDA graph")
     checkpoint_every: int = setting(50, "updates between checkpoints (and one at the end and at Ctrl-C/SIGTERM/SIGHUP)")
     keep_checkpoints: int = setting(3, "how many of the newest checkpoints to keep")
@@ -432,7 +432,7 @@ class Trainer:
         self.value_loss = ClippedValueFunctionLoss()
         # a minibatch's gradient step, its backward pass (in shares on a CPU), and the rollout's
         # forward pass, eager or as CUDA graphs
-        self.backward = speed.Backward(self.model.parameters(), self.device, r.train_threads)
+        self.backward = speed.Backward(self.model.parameters(), self.device, r.train_threads, self.mini_batch_size)
         if self.graphs:
             self.train_step = speed.GraphedTrainStep(self._train_step, self.optimizer, self.mini_batch_size)
         else:

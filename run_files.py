@@ -172,15 +172,20 @@ def effective_run_settings(trainer: "ppo.Trainer") -> dict:
     resolved to, CUDA graphs only where they ran."""
     precision = "bf16" if trainer.autocast_dtype == torch.bfloat16 else "fp32"
     effective = dict(device=str(trainer.device), precision=precision, cuda_graphs=trainer.graphs)
+    effective.update(train_threads=trainer.backward.shares)  # 0 resolved; a GPU computes 1 share
     return {**dataclasses.asdict(trainer.run_settings), **effective}
 
 
 def run_settings_changes(state: dict, trainer: "ppo.Trainer") -> List[str]:
     """The run settings in effect now that differ from those of the run `state` continues, such as
-    "precision: fp32 in the run, bf16 now" (none for a checkpoint written before they were kept)."""
+    "precision: fp32 in the run, bf16 now", or that its version did not keep yet (none for a
+    checkpoint written before any were kept)."""
     before, now = state.get("run_settings", {}), effective_run_settings(trainer)
     changed = [name for name in now if name in before and before[name] != now[name]]
-    return [f"{name}: {before[name]} in the run, {now[name]} now" for name in changed]
+    lines = [f"{name}: {before[name]} in the run, {now[name]} now" for name in changed]
+    if before:
+        lines += [f"{name}: not kept by the run's version, {now[name]} now" for name in now if name not in before]
+    return lines
 
 
 def restore(trainer: "ppo.Trainer", state: dict) -> bool:

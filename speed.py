@@ -84,20 +84,22 @@ class Backward:
     `loss_fn(rows) -> (loss, stats)`, the mean loss over `rows` (a dict of tensors, a row a sample)
     and a tensor of its statistics' means, and returns the statistics.
 
-    On a GPU the whole minibatch at once. On a CPU in `shares` slices of rows that up to as many
-    threads compute side by side (no more than torch's thread count), each single-threaded, weighted
-    by its share of the rows and summed in their order: the same loss. When another program holds a
-    core, a thread it delays holds back its own slice, once a step; torch's threads, splitting every
-    operation between them, would wait for it at each of a step's hundreds of operations
-    (docs/speed.md, "Beside other work"). The numbers depend on `shares` alone, not on how many
-    threads ran them, nor on the machine's load or cores."""
+    On a GPU the whole minibatch at once, one share. On a CPU in `shares` slices of the minibatch's
+    `rows` (0: as many as torch has threads, the cores), which up to as many threads compute side by
+    side (no more than torch's thread count), each single-threaded, weighted by its share of the
+    rows and summed in their order: the same loss. When another program holds a core, a thread it
+    delays holds back its own slice, once a step; torch's threads, splitting every operation between
+    them, would wait for it at each of a step's hundreds of operations (docs/speed.md, "Beside other
+    work"). The numbers depend on `shares`, not on how many threads ran them, nor on the load."""
 
-    def __init__(self, params, device: torch.device, shares: int):
+    def __init__(self, params, device: torch.device, shares: int, rows: int):
         self.params = list(params)
-        self.pool = None  # on a GPU
+        self.shares, self.pool = 1, None  # on a GPU
         if device.type == "cpu":
-            self.shares = shares
-            threads = min(shares, torch.get_num_threads())
+            self.shares = shares or min(torch.get_num_threads(), rows)
+            if not 1 <= self.shares <= rows:
+                raise ValueError(f"train_threads: {shares} shares of a minibatch of {rows} samples")
+            threads = min(self.shares, torch.get_num_threads())
             self.pool = ThreadPoolExecutor(threads, "train", initializer=torch.set_num_threads, initargs=(1,))
 
     def __call__(self, loss_fn: Callable, rows: Dict[str, torch.Tensor]) -> torch.Tensor:

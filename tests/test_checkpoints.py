@@ -439,14 +439,28 @@ def test_a_resume_records_its_run_settings_and_says_which_differ_from_the_runs(t
     (old,) = folder.glob("logs/ppo_breakout/*")
     recorded = torch.load(old / "checkpoints" / "update_0000002.pt", weights_only=True)["run_settings"]
     assert recorded["precision"] == "fp32" and recorded["device"] == "cpu" and recorded["checkpoint_every"] == 1
-    result = run_python(folder, "ppo_breakout.py", "--resume", str(old), "--updates", "3", "--precision", "bf16")
+    assert recorded["train_threads"] >= 1  # 0 recorded as the count it took: torch's threads
+    resume = ["--resume", str(old), "--updates", "3", "--precision", "bf16", "--train-threads", "3"]
+    result = run_python(folder, "ppo_breakout.py", *resume)
     assert result.returncode == 0, result.stderr[-3000:]
     (line,) = [line for line in result.stdout.splitlines() if "Run settings that differ" in line]
     assert line.startswith("Run settings that differ from the run this continues: "), line
     assert "precision: fp32 in the run, bf16 now" in line and "checkpoint_every: 1 in the run, 50 now" in line, line
+    assert f"train_threads: {recorded['train_threads']} in the run, 3 now" in line, line
     assert "device" not in line, line  # the same cpu
     (new,) = [r for r in folder.glob("logs/ppo_breakout/*") if r != old]
     written = torch.load(new / "checkpoints" / "update_0000003.pt", weights_only=True)
     assert written["run_settings"]["precision"] == "bf16"  # this command line's, not applied from the run's
     run_setting_names = {f.name for f in dataclasses.fields(ppo_breakout.RunSettings)}
     assert not set(written["configs"]) & run_setting_names
+
+
+def test_a_resume_names_the_run_settings_its_checkpoints_version_did_not_keep():
+    with Trainer(*settings(train_threads=2, **TINY)) as trainer:
+        now = run_files.effective_run_settings(trainer)
+        older = {name: value for name, value in now.items() if name != "train_threads"}
+        assert run_files.run_settings_changes({"run_settings": older}, trainer) == [
+            "train_threads: not kept by the run's version, 2 now"
+        ]
+        assert run_files.run_settings_changes({"run_settings": now}, trainer) == []
+        assert run_files.run_settings_changes({}, trainer) == []  # a checkpoint from before any were kept

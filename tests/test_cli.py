@@ -65,7 +65,7 @@ BAD_INPUTS = [
     (["--device", "tpu"], "--device", "tpu"),
     (["--updates", "many"], "--updates", "invalid int value"),
     (["--rollout-threads", "-1"], "--rollout-threads", "0 or more"),
-    (["--train-threads", "0"], "--train-threads", "positive integer, got 0"),
+    (["--train-threads", "-1"], "--train-threads", "0 or more, got -1"),
     # 32 samples in 2 minibatches of 16: a share of a minibatch must hold a sample
     (
         ["--n-workers", "2", "--worker-steps", "16", "--batches", "2", "--train-threads", "17"],

@@ -95,11 +95,35 @@ def trained_weights(threads: int, **overrides) -> list:
 
 def test_the_numbers_depend_on_train_threads_not_on_how_many_threads_ran_them():
     # torch's thread count is what a loaded machine or OMP_NUM_THREADS changes: one thread then
-    # computes both shares in turn, and every weight comes out the same to the bit
+    # computes both shares in turn, and every weight comes out the same to the bit (on CPUs whose
+    # kernels split their sums by thread, torch's own threads made them differ: docs/speed.md)
     one, ran_one = trained_weights(1, train_threads=2)
     two, ran_two = trained_weights(2, train_threads=2)
     assert (ran_one, ran_two) == (1, 2)
     assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_the_rest_of_a_cpu_step_runs_on_one_torch_thread_over_the_whole_minibatch(monkeypatch):
+    torch.set_num_threads(2)
+    normalised, clipped = [], []
+    with Trainer(*settings(train_threads=2, **TINY)) as trainer:
+        normalize, clip = trainer._normalize, torch.nn.utils.clip_grad_norm_
+
+        def recording_normalize(adv):
+            normalised.append((len(adv), threading.get_ident(), torch.get_num_threads()))
+            return normalize(adv)
+
+        def recording_clip(params, max_norm):
+            clipped.append((threading.get_ident(), torch.get_num_threads()))
+            return clip(params, max_norm=max_norm)
+
+        trainer._normalize = recording_normalize
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+        trainer.train(trainer.sample())
+    # once a minibatch, over all its 16 samples, before they are shared out: in this thread
+    main = threading.get_ident()
+    assert normalised == [(16, main, 1)] * TINY["batches"] and clipped == [(main, 1)] * TINY["batches"]
+    assert torch.get_num_threads() == 2
 
 
 @pytest.mark.parametrize("shares", [2, 3])
@@ -110,18 +134,28 @@ def test_a_minibatch_in_shares_has_the_gradient_and_statistics_of_the_whole(shar
         rows = {k: v[:16] for k, v in samples.items()}
         rows["normalized_advantages"] = trainer._normalize(rows["advantages"])
         coefficients = Coefficients(learning_rate=1e-3, clip_range=0.1, value_loss_coef=0.5, entropy_bonus_coef=0.01)
-        results = []
-        for n in (1, shares):
-            backward = Backward(trainer.model.parameters(), trainer.device, n)
-            trainer.model.zero_grad(set_to_none=True)
-            stats = backward(lambda share: trainer._calc_loss(share, coefficients), rows)
-            results.append((stats, [p.grad.clone() for p in trainer.model.parameters()]))
-            backward.close()
-    (whole_stats, whole), (split_stats, split) = results
-    assert not torch.equal(whole_stats, split_stats)  # summed in another order
+        # the whole minibatch's loss, backpropagated at once
+        loss, whole_stats = trainer._calc_loss(rows, coefficients)
+        whole = torch.autograd.grad(loss, list(trainer.model.parameters()))
+        backward = Backward(trainer.model.parameters(), trainer.device, shares, 16)
+        trainer.model.zero_grad(set_to_none=True)
+        split_stats = backward(lambda share: trainer._calc_loss(share, coefficients), rows)
+        split = [p.grad for p in trainer.model.parameters()]
+        backward.close()
+    assert backward.shares == shares
     torch.testing.assert_close(split_stats, whole_stats, rtol=1e-5, atol=1e-6)
     for a, b in zip(split, whole):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_train_threads_0_takes_torchs_thread_count_and_a_gpu_computes_one_share():
+    torch.set_num_threads(2)
+    with Trainer(*settings(**TINY)) as trainer:
+        assert trainer.backward.shares == 2 and trainer.backward.pool._max_workers == 2
+    model = Model(4)
+    assert Backward(model.parameters(), torch.device("cuda"), 3, 16).shares == 1  # builds nothing on the GPU
+    with pytest.raises(ValueError, match="train_threads: 17 shares of a minibatch of 16 samples"):
+        Backward(model.parameters(), torch.device("cpu"), 17, 16)
 
 
 def test_the_rollout_pairs_each_game_observation_with_its_action_and_outcome():
@@ -294,7 +328,7 @@ def test_the_model_scales_uint8_frames_to_0_1_in_either_memory_format():
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_the_update_gathers_its_minibatches_in_the_models_memory_format(channels_last):
-    with Trainer(*settings(channels_last=channels_last, **TINY)) as trainer:
+    with Trainer(*settings(channels_last=channels_last, train_threads=2, **TINY)) as trainer:
         samples = trainer.sample()
         frames = trainer.rollout_obs.reshape(32, 4, 84, 84)
         gathered = []
