@@ -388,8 +388,9 @@ def busy_core(c: "ppo.Configs", r: "ppo.RunSettings", busy: int, warmup: int, me
                     spinner.wait()
             rates[phase].append(measure * trainer.batch_size / (sampling + training))
             beside = f"beside {busy} busy process{'es' if busy > 1 else ''}" if phase == "busy" else "quiet"
+            print(f"{beside + ':':24} {rates[phase][-1]:8.0f} env steps/s over {measure} updates")
             split = f"an update: sampling {sampling / measure:.2f} s, training {training / measure:.2f} s"
-            print(f"{beside + ':':24} {rates[phase][-1]:8.0f} env steps/s over {measure} updates ({split})", flush=True)
+            print(f"{'':24} {split}", flush=True)
     share = statistics.mean(rates["busy"]) / statistics.mean(rates["quiet"])
     print(f"busy core: {share:.2f} of the quiet speed beside {busy} one-thread busy process(es), {os.cpu_count()} CPUs")
     return 0

@@ -351,8 +351,8 @@ def busy_loops_running() -> list:
 def test_busy_measures_the_loop_quiet_and_beside_busy_processes_in_turns_and_leaves_none():
     result = run_python(ROOT, "bench.py", *TINY_FLAGS, "--busy", "2", "--warmup", "0", "--measure", "1", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    line = r"^(quiet|beside 2 busy processes): +(\d+) env steps/s over 1 updates "
-    line += r"\(an update: sampling ([\d.]+) s, training ([\d.]+) s\)$"
+    line = r"^(quiet|beside 2 busy processes): +(\d+) env steps/s over 1 updates\n"
+    line += r" +an update: sampling ([\d.]+) s, training ([\d.]+) s$"
     phases = re.findall(line, result.stdout, re.M)
     assert [phase for phase, *_ in phases] == ["quiet", "beside 2 busy processes"] * 2, result.stdout
     for _, rate, sampling, training in phases:  # the update's 32 env steps over its two parts' seconds
