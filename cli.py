@@ -215,10 +215,10 @@ def config_errors(c: "ppo.Configs", r: "ppo.RunSettings") -> List[Tuple[str, str
     cpus = os.cpu_count() or 1
     if r.rollout_threads < 0:
         errors.append(("rollout_threads", f"must be 0 or more, got {r.rollout_threads}"))
-    if r.train_threads < 0:
-        errors.append(("train_threads", f"must be 0 or more, got {r.train_threads}"))
     elif r.rollout_threads > cpus:  # threads beyond the CPUs only wait on each other
         errors.append(("rollout_threads", f"must be at most this machine's {cpus} CPUs, got {r.rollout_threads}"))
+    if r.train_threads < 0:
+        errors.append(("train_threads", f"must be 0 or more, got {r.train_threads}"))
     for name, problem in (("seed", seed_problem(c.seed)), ("device", device_problem(r.device))):
         if problem:
             errors.append((name, problem))
