@@ -7,6 +7,7 @@ Speed of ppo_breakout on this machine, measured with the real Worker and Trainer
     python bench.py --random-policy --episodes 30          # a random policy's whole-game score
     python bench.py --learn --steps 1000000 [training flags]  # a learning run, summarised
     python bench.py --summarise RUN_FOLDER [--steps N]        # the same summary for a run (at N steps)
+    python bench.py --seeds RUN_FOLDER RUN_FOLDER ... [--steps N]   # several seeds' scores, their mean and sd
     python bench.py --ranks 2 [training flags]                # the loop under torchrun: 1 rank, then 2
     python bench.py --busy 1 [training flags]                 # the loop quiet, then beside 1 busy process
 
@@ -67,6 +68,9 @@ from run_files import RunFileError
 # the learning check's bar: the mean whole-game score of CleanRL's ppo_atari.py over its last 100
 # games after 1M steps of Breakout (docs/results.md says where and how it was measured)
 CLEANRL_1M_SCORE = 20.5
+# --seeds' step counts: CleanRL's "10M" (its last update within 10,000,000 steps; update 9,765 of
+# ours) and the whole default run (10,000 updates of 8 x 128 steps: 10,240,000)
+SEEDS_STEPS = (10_000_000, ppo.Configs.updates * ppo.Configs.n_workers * ppo.Configs.worker_steps)
 
 
 def machine() -> str:
@@ -313,6 +317,40 @@ def summarise(
         print(f"target: mean of 100 games never above {target}")
     else:
         print(f"target: mean of 100 games first above {target} at {passed['env_steps']} steps, {elapsed(passed):.0f} s")
+
+
+def seeds(runs: List[Path], step_counts=SEEDS_STEPS):
+    """For each step count, each run's mean of its last 100 games at its last update within it, and
+    across the runs that reached it their mean ± population sd (the ± of CleanRL's and
+    openrlbenchmark's tables) with the sample sd beside it. A run that has not reached a step count
+    yet (its next update would still be within it) is named with where it stands."""
+    records = [(run, read_metrics(run)) for run in runs]
+    print(
+        f"seeds: {len(runs)} runs; a run's score is the mean of its last 100 games at its last update "
+        "within the step count"
+    )
+    for steps in step_counts:
+        scores, parts = [], []
+        for run, run_records in records:
+            within = [r for r in run_records if r["env_steps"] <= steps]
+            last = run_records[-1]
+            steps_per_update = last["env_steps"] // last["update"]
+            if last["env_steps"] + steps_per_update <= steps:
+                parts.append(f"{run.name} not there yet (update {last['update']:,}, {last['env_steps']:,} steps)")
+                continue
+            games = [g[0] for r in within for g in r["games"]][-100:]
+            if not games:
+                parts.append(f"{run.name} no game finished")
+                continue
+            scores.append(float(np.mean(games)))
+            reached = within[-1]
+            parts.append(f"{run.name} {scores[-1]:.2f} (update {reached['update']:,}, {reached['env_steps']:,} steps)")
+        print(f"at {steps:,}: " + "; ".join(parts))
+        if len(scores) >= 2:
+            print(
+                f"  mean of {len(scores)}: {np.mean(scores):.2f} ± {np.std(scores):.2f} (population sd), "
+                f"sample sd {np.std(scores, ddof=1):.2f}"
+            )
 
 
 def training_flags(c: "ppo.Configs", r: "ppo.RunSettings") -> List[str]:
@@ -569,6 +607,13 @@ def main():
     )
     parser.add_argument("--summarise", type=Path, metavar="RUN_FOLDER", help="only print --learn's line for a run")
     parser.add_argument(
+        "--seeds",
+        type=Path,
+        nargs="+",
+        metavar="RUN_FOLDER",
+        help="only print each run's score at --steps (without it, at 10,000,000 and 10,240,000) and their mean ± sd",
+    )
+    parser.add_argument(
         "--target", type=float, default=CLEANRL_1M_SCORE, help="--learn and --summarise say when the score passed it"
     )
     args, _ = parser.parse_known_args()
@@ -584,6 +629,11 @@ def main():
             return summarise(args.summarise, target=args.target, max_steps=args.steps)
         except RunFileError as e:
             parser.error(f"argument --summarise: {e}")
+    if args.seeds:
+        try:
+            return seeds(args.seeds, SEEDS_STEPS if args.steps is None else (args.steps,))
+        except RunFileError as e:
+            parser.error(f"argument --seeds: {e}")
     if args.learn:
         argv = sys.argv[1:]
         argv.remove("--learn")

@@ -3,6 +3,7 @@ Learning curves from run folders' `metrics.jsonl`: the whole-game score (each ga
 100-game mean bold) against env steps, and the training statistics in small panels.
 
     python ppo_breakout.py plot logs/ppo_breakout/<run> [more runs] [-o curve.png] [--baseline 1.46]
+    python ppo_breakout.py plot <seed 1's run> <seed 2's> <seed 3's> --mean -o seeds.png   # and their mean
 
 A training run redraws `curve.png` in its own folder at every checkpoint, for a user without the
 dashboard.
@@ -13,7 +14,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from errors import Parser, fail
 from run_files import RunFileError, os_reason
@@ -63,10 +64,12 @@ def plot_runs(
     labels: Optional[List[str]] = None,
     max_steps: Optional[int] = None,
     warn: Optional[Callable[[str], None]] = None,
+    mean: bool = False,
 ):
     """One colour per run folder; `max_steps` cuts every run at that many env steps, so runs of
-    different lengths compare over the same budget; `warn` is read_metrics'. Returns the (label,
-    records) it drew."""
+    different lengths compare over the same budget; `warn` is read_metrics'. `mean` also draws the
+    mean of the runs' 100-game means (seeds of one configuration), over the env steps every run
+    has reached. Returns the (label, records) it drew."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,11 +96,14 @@ def plot_runs(
             points = [(r["env_steps"], r[key]) for r in records if key in r]
             if points:
                 axes.plot(*zip(*points), color=colour, linewidth=1)
+    if mean:
+        steps, means = mean_curve([records for _, records in runs])
+        score_axes.plot(steps, means, color="black", linewidth=2.5, label=f"mean of the {len(runs)} runs")
     if baseline is not None:
         score_axes.axhline(baseline, color="grey", linestyle="--", label=f"random policy ({baseline:.1f})")
     score_axes.set_ylabel("game score (whole game, unclipped)")
     score_axes.set_title("faint: each game; bold: mean of the last 100 games")
-    if len(runs) > 1 or baseline is not None:
+    if len(runs) > 1 or baseline is not None or mean:
         score_axes.legend(loc="upper left")
     for axes, key in zip(panel_axes, PLOT_PANELS):
         axes.set_title(key, fontsize=9)
@@ -110,6 +116,14 @@ def plot_runs(
     finally:
         plt.close(figure)
     return [(label, records) for label, (_, records) in zip(labels, runs)]
+
+
+def mean_curve(runs: List[List[dict]]) -> Tuple[List[int], List[float]]:
+    """The mean over runs of their 100-game means ("reward"), at each env step count where every
+    run has one: seeds of one configuration share their updates' step counts."""
+    curves = [{r["env_steps"]: r["reward"] for r in records if "reward" in r} for records in runs]
+    steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+    return steps, [sum(curve[s] for curve in curves) / len(curves) for s in steps]
 
 
 def save_whole(figure, output: Path):
@@ -163,6 +177,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--label", action="append", default=None, help="legend name of a run, once per RUN_FOLDER in order"
     )
     parser.add_argument("--max-steps", type=int, default=None, help="plot each run up to this many env steps")
+    parser.add_argument(
+        "--mean",
+        action="store_true",
+        help="also draw the mean of the runs' 100-game means (seeds of one configuration), where all have reached",
+    )
     args = parser.parse_args(argv)
 
     def warn(message: str):
@@ -187,7 +206,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.max_steps is not None and args.max_steps <= 0:
         return fail(parser.prog, f"argument --max-steps: must be positive, got {args.max_steps}")
     try:
-        plot_runs(args.folders, output, args.baseline, args.label, args.max_steps, warn)
+        plot_runs(args.folders, output, args.baseline, args.label, args.max_steps, warn, args.mean)
     except RunFileError as e:
         return fail(parser.prog, str(e))
     except OSError as e:

@@ -181,6 +181,7 @@ def test_a_terminal_hang_up_during_learn_ends_the_training_with_a_checkpoint(tmp
     [
         (["--learn", "--steps", "-3"], "argument --steps: must be positive"),
         (["--summarise", "no/such/run"], "argument --summarise: no metrics in no/such/run"),
+        (["--seeds", "no/such/run"], "argument --seeds: no metrics in no/such/run"),
         (["--env-steps", "0"], "argument --env-steps: must be 1 or more, got 0"),
         (["--measure", "0"], "argument --measure: must be 1 or more"),
         (["--warmup", "-1"], "argument --warmup: must be 0 or more"),
@@ -225,6 +226,51 @@ def test_summarise_can_stop_at_a_step_count(tmp_path, capsys):
     )
     with pytest.raises(bench.RunFileError, match="within 50 env steps"):
         bench.summarise(tmp_path, max_steps=50)
+
+
+def write_seed(folder: Path, scores_per_update, steps_per_update=100):
+    """A run folder whose update u ends the games of scores_per_update[u]."""
+    folder.mkdir()
+    with open(folder / "metrics.jsonl", "w") as f:
+        for u, scores in enumerate(scores_per_update):
+            record = {"update": u + 1, "env_steps": steps_per_update * (u + 1), "time": float(u)}
+            f.write(json.dumps({**record, "steps_per_second": 100.0, "games": [[s, 10] for s in scores]}) + "\n")
+    return folder
+
+
+def test_seeds_report_each_runs_last_100_games_and_their_mean_with_both_sds(tmp_path, capsys):
+    # 3 updates of 100 steps; each ends 60 games. At 250 steps (update 2) the last 100 games are 40
+    # of update 1 and 60 of update 2; at 300 steps those of updates 2 and 3
+    a = write_seed(tmp_path / "a", [[0] * 60, [10] * 60, [20] * 60])  # at 250: (40*0 + 60*10)/100 = 6
+    b = write_seed(tmp_path / "b", [[30] * 60, [30] * 60, [40] * 60])  # at 250: 30
+    c = write_seed(tmp_path / "c", [[0] * 60, [0] * 60])  # stops at update 2: at 300 it is not there yet
+    bench.seeds([a, b, c], (250, 300))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (
+        "at 250: a 6.00 (update 2, 200 steps); b 30.00 (update 2, 200 steps); c 0.00 (update 2, 200 steps)"
+    )
+    # mean 12; population sd sqrt((36 + 324 + 144) / 3) = 12.96; sample sd sqrt(504 / 2) = 15.87
+    assert lines[2] == "  mean of 3: 12.00 ± 12.96 (population sd), sample sd 15.87"
+    # at 300: a (40*10 + 60*20)/100 = 16, b (40*30 + 60*40)/100 = 36; mean 26, sds 10 and 14.14
+    assert lines[3] == (
+        "at 300: a 16.00 (update 3, 300 steps); b 36.00 (update 3, 300 steps); c not there yet (update 2, 200 steps)"
+    )
+    assert lines[4] == "  mean of 2: 26.00 ± 10.00 (population sd), sample sd 14.14"
+
+
+def test_seeds_default_to_cleanrls_10m_and_the_whole_run_from_the_command_line(tmp_path, monkeypatch, capsys):
+    # update 9,765 of 1,024 steps is the last within 10,000,000; update 10,000 the whole run
+    scores = [[] for _ in range(10_000)]
+    scores[9_764], scores[9_999] = [100] * 100, [300] * 100
+    a = write_seed(tmp_path / "a", scores, steps_per_update=1024)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--seeds", str(a), str(a)])
+    bench.main()
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "at 10,000,000: a 100.00 (update 9,765, 9,999,360 steps); a 100.00 (update 9,765, 9,999,360 steps)",
+        "  mean of 2: 100.00 ± 0.00 (population sd), sample sd 0.00",
+        "at 10,240,000: a 300.00 (update 10,000, 10,240,000 steps); a 300.00 (update 10,000, 10,240,000 steps)",
+        "  mean of 2: 300.00 ± 0.00 (population sd), sample sd 0.00",
+    ]
 
 
 # --ranks: a tiny comparison, 1 warm-up and 1 timed update for each run
@@ -335,7 +381,6 @@ def test_ctrl_c_during_ranks_stops_the_torchrun_run_and_leaves_no_process(tmp_pa
     assert len(job) == 4  # torchrun, its rank and the rank's 2 game workers
     assert_gone(job)
     assert list(temporary.iterdir()) == []
-
 
 
 def busy_loops_running() -> list:

@@ -29,7 +29,7 @@ import cli
 import plots
 import ppo_breakout
 from evaluate import play_game
-from plots import PLOT_DPI, PLOT_SIZE, plot_runs
+from plots import PLOT_DPI, PLOT_SIZE, mean_curve, plot_runs
 from run_files import find_checkpoint
 
 
@@ -328,6 +328,34 @@ def test_plot_cuts_runs_at_max_steps_and_names_them_by_label(short_run, tmp_path
     assert [[r["env_steps"] for r in records] for _, records in drawn] == [[32, 64], [32, 64]]
     everything = plot_runs([short_run], tmp_path / "d.png")
     assert [r["env_steps"] for r in everything[0][1]] == [32, 64, 96, 128]
+
+
+def test_mean_curve_averages_the_runs_100_game_means_where_every_run_has_one():
+    a = [{"env_steps": 1, "reward": 10.0}, {"env_steps": 2, "reward": 20.0}, {"env_steps": 3, "reward": 30.0}]
+    b = [{"env_steps": 1}, {"env_steps": 2, "reward": 40.0}]  # no game ended by its first update
+    assert mean_curve([a, b]) == ([2], [30.0])
+    assert mean_curve([a]) == ([1, 2, 3], [10.0, 20.0, 30.0])
+
+
+def test_plot_mean_draws_the_seeds_mean_as_a_black_line_between_them(tmp_path):
+    # two seeds whose 100-game means hold at 10 and 30: their mean is a level black line at 20
+    for name, score in (("a", 10.0), ("b", 30.0)):
+        (tmp_path / name).mkdir()
+        lines = [json.dumps({"update": u, "env_steps": 100 * u, "reward": score}) for u in range(1, 21)]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    runs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    without, with_mean = tmp_path / "without.png", tmp_path / "mean.png"
+    assert run_main(cli.main, "plot", *runs, "-o", str(without)) == 0
+    assert run_main(cli.main, "plot", *runs, "--mean", "-o", str(with_mean)) == 0
+
+    def black_rows(path):  # rows of the score panel (the top half) black across half its width
+        image = matplotlib.image.imread(path)[: PLOT_SIZE[1] * PLOT_DPI // 2, :, :3]
+        return set(np.flatnonzero((image.sum(axis=-1) == 0).sum(axis=1) > image.shape[1] // 2))
+
+    spines, drawn = black_rows(without), black_rows(with_mean)
+    assert spines <= drawn  # the axes' top and bottom edges, in both
+    added = drawn - spines
+    assert added and min(spines) < min(added) and max(added) < max(spines), (sorted(spines), sorted(added))
 
 
 def test_a_run_draws_its_own_curve_as_it_trains(short_run):
