@@ -69,7 +69,7 @@ from run_files import RunFileError
 # games after 1M steps of Breakout (docs/results.md says where and how it was measured)
 CLEANRL_1M_SCORE = 20.5
 # --seeds' step counts: CleanRL's "10M" (its last update within 10,000,000 steps; update 9,765 of
-# ours) and the whole default run (10,000 updates of 8 x 128 steps: 10,240,000)
+# ours) and the whole default run
 SEEDS_STEPS = (10_000_000, ppo.Configs.updates * ppo.Configs.n_workers * ppo.Configs.worker_steps)
 
 
@@ -332,12 +332,12 @@ def seeds(runs: List[Path], step_counts=SEEDS_STEPS):
     for steps in step_counts:
         scores, parts = [], []
         for run, run_records in records:
-            within = [r for r in run_records if r["env_steps"] <= steps]
             last = run_records[-1]
             steps_per_update = last["env_steps"] // last["update"]
             if last["env_steps"] + steps_per_update <= steps:
                 parts.append(f"{run.name} not there yet (update {last['update']:,}, {last['env_steps']:,} steps)")
                 continue
+            within = [r for r in run_records if r["env_steps"] <= steps]
             games = [g[0] for r in within for g in r["games"]][-100:]
             if not games:
                 parts.append(f"{run.name} no game finished")
@@ -611,7 +611,8 @@ def main():
         type=Path,
         nargs="+",
         metavar="RUN_FOLDER",
-        help="only print each run's score at --steps (without it, at 10,000,000 and 10,240,000) and their mean ± sd",
+        help=f"only print each run's score at --steps (without it, at {SEEDS_STEPS[0]:,} and {SEEDS_STEPS[1]:,}) "
+        "and their mean ± sd",
     )
     parser.add_argument(
         "--target", type=float, default=CLEANRL_1M_SCORE, help="--learn and --summarise say when the score passed it"
